@@ -1,0 +1,341 @@
+"""Find a Keras classifier's logits and bias layers, and expose them as model outputs.
+
+FullGrad needs, besides the input gradient, the gradient of the explained logit with respect
+to the PRE-activation output ``z_l`` of every layer that adds a bias ``b_l``. This module finds
+those layers (``layers_with_biases``), computes their effective biases (BatchNormalization
+included), and rebuilds the model so that it returns the pre-activation logits and every
+``z_l`` (``expose``). Only public Keras 3 APIs are used.
+
+Example:
+    >>> import fullgrad as ke
+    >>> logits = ke.inspection.get_logits_layer(model)
+    >>> inters, biases = ke.inspection.layers_with_biases(model, exclude=[logits])
+    >>> exposed = ke.inspection.expose(model, inters, logits)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+
+import keras
+import numpy as np
+
+__all__ = [
+    "ExposedModel",
+    "effective_bias",
+    "expose",
+    "exposure_of",
+    "flat_layers",
+    "get_logits_layer",
+    "has_bias",
+    "layers_with_biases",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExposedModel:
+    """What ``expose`` knows about the model it built.
+
+    Attributes:
+        model: The exposed model: outputs ``[logits, *z_l]``, logits before any activation.
+        source: The model it was built from.
+        logits_layer: The classifier layer of ``source``.
+        layers: The bias layers of ``source``, in the order of the exposed outputs.
+        biases: Their effective biases, float32 arrays of shape ``[channels]``.
+        logits_bias: The classifier's bias, ``[num_classes]`` (zeros when it has none).
+    """
+
+    model: keras.Model
+    source: keras.Model
+    logits_layer: keras.layers.Layer
+    layers: tuple[keras.layers.Layer, ...]
+    biases: tuple[np.ndarray, ...]
+    logits_bias: np.ndarray
+
+
+_EXPOSED: weakref.WeakKeyDictionary[keras.Model, ExposedModel] = weakref.WeakKeyDictionary()
+
+
+def exposure_of(model: keras.Model) -> ExposedModel | None:
+    """Returns what ``expose`` recorded for ``model``, or None if ``expose`` did not build it."""
+    return _EXPOSED.get(model)
+
+
+def flat_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Lists the leaf layers of ``model`` in graph order, descending into nested models.
+
+    Args:
+        model: A built Keras model; models used as layers inside it are expanded.
+
+    Returns:
+        Every layer that is not itself a model, input layers excluded.
+
+    Example:
+        >>> [layer.name for layer in flat_layers(model)]
+    """
+    layers: list[keras.layers.Layer] = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            layers.extend(flat_layers(layer))
+        elif not isinstance(layer, keras.layers.InputLayer):
+            layers.append(layer)
+    return layers
+
+
+def _variable(layer: keras.layers.Layer, name: str):
+    try:
+        return getattr(layer, name, None)
+    except (AttributeError, ValueError):  # unbuilt layers raise on some properties
+        return None
+
+
+def has_bias(layer: keras.layers.Layer) -> bool:
+    """True for layers whose output adds a bias: convolutions, dense layers, BatchNormalization.
+
+    Covers Conv1D/2D/3D, DepthwiseConv, SeparableConv, Conv*Transpose and Dense with
+    ``use_bias=True``, and every BatchNormalization (its effective bias is non-zero whenever
+    it has a moving mean or a beta).
+    """
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return True
+    return _variable(layer, "bias") is not None and bool(getattr(layer, "use_bias", True))
+
+
+def effective_bias(layer: keras.layers.Layer) -> np.ndarray:
+    """Returns the bias a layer adds to its output, as float32 ``[channels]``.
+
+    For BatchNormalization in inference mode, ``y = gamma * (x - mean) / sqrt(var + eps) + beta``
+    is an affine map ``y = s * x + b`` with effective bias
+    ``b = beta - gamma * moving_mean / sqrt(moving_variance + epsilon)``, using the layer's own
+    ``epsilon``; ``gamma = 1`` when ``scale=False`` and ``beta = 0`` when ``center=False``.
+
+    Args:
+        layer: A layer for which ``has_bias(layer)`` is true.
+
+    Returns:
+        The bias, broadcastable against the layer's channels-last output.
+
+    Example:
+        >>> effective_bias(model.get_layer("bn1"))
+    """
+    if isinstance(layer, keras.layers.BatchNormalization):
+        mean = np.asarray(layer.moving_mean, dtype=np.float64)
+        variance = np.asarray(layer.moving_variance, dtype=np.float64)
+        gamma = np.asarray(layer.gamma, dtype=np.float64) if layer.scale else 1.0
+        beta = np.asarray(layer.beta, dtype=np.float64) if layer.center else 0.0
+        return (beta - gamma * mean / np.sqrt(variance + layer.epsilon)).astype(np.float32)
+    bias = _variable(layer, "bias")
+    if bias is None:
+        raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) has no bias")
+    return np.asarray(bias, dtype=np.float32)
+
+
+def get_logits_layer(model: keras.Model, name: str | None = None) -> keras.layers.Layer:
+    """Returns the classifier layer: the last layer with a kernel, or the layer named ``name``.
+
+    Args:
+        model: A built Keras classifier; nested models are searched too.
+        name: The classifier's name, when the last layer with a kernel is not it.
+
+    Returns:
+        The layer whose PRE-activation output are the logits that FullGrad explains.
+
+    Raises:
+        ValueError: No such layer.
+
+    Example:
+        >>> logits = get_logits_layer(model)
+    """
+    layers = flat_layers(model)
+    if name is not None:
+        for layer in layers:
+            if layer.name == name:
+                return layer
+        raise ValueError(f"model {model.name!r} has no layer named {name!r}")
+    for layer in reversed(layers):
+        if _variable(layer, "kernel") is not None:
+            return layer
+    raise ValueError(f"model {model.name!r} has no layer with a kernel to explain")
+
+
+def _names(layers: Iterable[keras.layers.Layer | str]) -> set[str]:
+    return {layer if isinstance(layer, str) else layer.name for layer in layers}
+
+
+def layers_with_biases(
+    model: keras.Model, exclude: Sequence[keras.layers.Layer | str] = ()
+) -> tuple[list[keras.layers.Layer], list[np.ndarray]]:
+    """Finds every layer that adds a bias, and its effective bias.
+
+    Args:
+        model: A built Keras model; nested models are searched too.
+        exclude: Layers (or their names) to leave out, usually the logits layer.
+
+    Returns:
+        ``(layers, biases)``: the layers in graph order and their effective biases.
+
+    Example:
+        >>> logits = get_logits_layer(model)
+        >>> inters, biases = layers_with_biases(model, exclude=[logits])
+    """
+    excluded = _names(exclude)
+    layers = [
+        layer for layer in flat_layers(model) if has_bias(layer) and layer.name not in excluded
+    ]
+    for layer in layers:
+        if getattr(layer, "data_format", "channels_last") == "channels_first":
+            raise ValueError(
+                f"layer {layer.name!r} is channels_first; fullgrad supports channels_last models"
+            )
+    return layers, [effective_bias(layer) for layer in layers]
+
+
+def _check_channels_last(layer: keras.layers.Layer, rank: int) -> None:
+    if isinstance(layer, keras.layers.BatchNormalization):
+        axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
+        if any(axis not in (-1, rank - 1) for axis in axes):
+            raise ValueError(
+                f"BatchNormalization {layer.name!r} normalises axis {layer.axis}; fullgrad "
+                "supports channels_last models"
+            )
+
+
+_LINEAR = keras.activations.get("linear")
+
+
+def _activation_of(layer: keras.layers.Layer) -> Callable | None:
+    """The layer's fused activation as a callable, None if it has none or it is the identity.
+
+    A string (the seed's ``model.layers[-1].activation = 'linear'``) is resolved too.
+    """
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    activation = keras.activations.get(activation)
+    return None if activation is _LINEAR else activation
+
+
+def _linear_twin(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """A copy of ``layer`` without its activation; weights are copied once it is built."""
+    activation = layer.activation
+    if isinstance(activation, str):  # get_config() cannot serialise a bare string
+        layer.activation = keras.activations.get(activation)
+    config = layer.get_config()
+    layer.activation = activation
+    config["activation"] = "linear"
+    config["name"] = f"{layer.name}_preactivation"
+    return type(layer).from_config(config)
+
+
+def expose(
+    model: keras.Model,
+    intermediates: Sequence[keras.layers.Layer],
+    logits_layer: keras.layers.Layer | None = None,
+) -> keras.Model:
+    """Rebuilds ``model`` to output the pre-activation logits and the bias layers' outputs.
+
+    The new model shares every weight with ``model``, except that a bias layer (or the logits
+    layer) with a fused non-linear activation, such as ``Conv2D(activation="relu")`` or a
+    ``Dense(activation="softmax")`` classifier, is split into a linear copy (weights copied)
+    followed by its activation, so that the exposed output is ``z_l``, before the activation.
+    Models nested inside ``model`` are inlined. Call it after training: copied weights do not
+    follow later updates.
+
+    Args:
+        model: A built single-input Keras classifier (Functional or Sequential).
+        intermediates: The bias layers to expose, from ``layers_with_biases``.
+        logits_layer: The classifier layer; ``get_logits_layer(model)`` when None.
+
+    Returns:
+        A model whose outputs are ``[logits, *[z_l for l in intermediates]]``.
+
+    Raises:
+        ValueError: The model has several inputs, a layer is not part of it or is called at
+            several places, or the logits are not ``[batch, classes]``.
+
+    Example:
+        >>> logits = get_logits_layer(model)
+        >>> inters, biases = layers_with_biases(model, exclude=[logits])
+        >>> exposed = expose(model, inters, logits)
+        >>> logits_values, *bias_outputs = exposed(x)
+    """
+    if logits_layer is None:
+        logits_layer = get_logits_layer(model)
+    if isinstance(model, keras.Sequential):
+        if not model.built or not model.inputs:
+            raise ValueError("build the Sequential model (give it an Input) before exposing it")
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
+    if len(model.inputs) != 1:
+        raise ValueError(f"fullgrad explains single-input models; {model.name!r} has "
+                         f"{len(model.inputs)} inputs")
+    targets: dict[int, keras.layers.Layer] = {id(layer): layer for layer in intermediates}
+    targets[id(logits_layer)] = logits_layer
+    # id(twin) -> (twin, original, activation)
+    twins: dict[int, tuple[keras.layers.Layer, keras.layers.Layer, Callable]] = {}
+    outputs: dict[int, list] = {}
+
+    def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+        activation = _activation_of(layer) if id(layer) in targets else None
+        if activation is None and not (
+            id(layer) in targets and isinstance(getattr(layer, "activation", None), str)
+        ):
+            return layer  # shared, not copied
+        twin = _linear_twin(layer)
+        twins[id(twin)] = (twin, layer, activation)
+        return twin
+
+    def call_layer(layer: keras.layers.Layer, *args, **kwargs):
+        if isinstance(layer, keras.Model):  # inline nested models so their layers are visible
+            inputs = args[0] if len(args) == 1 else list(args)
+            inner = keras.models.clone_model(
+                layer, input_tensors=inputs, clone_function=clone_layer, call_function=call_layer
+            )
+            return inner.outputs[0] if len(inner.outputs) == 1 else inner.outputs
+        result = layer(*args, **kwargs)
+        _, original, activation = twins.get(id(layer), (layer, layer, None))
+        if id(original) in targets:
+            outputs.setdefault(id(original), []).append(result)
+        if activation is not None:
+            result = keras.layers.Activation(activation, name=f"{original.name}_activation")(
+                result
+            )
+        return result
+
+    cloned = keras.models.clone_model(model, clone_function=clone_layer, call_function=call_layer)
+    for twin, original, _ in twins.values():
+        twin.set_weights(original.get_weights())
+    exposed_layers = [logits_layer, *intermediates]
+    for layer in exposed_layers:
+        found = outputs.get(id(layer), [])
+        if len(found) != 1:
+            where = "is not part of" if not found else "is called more than once in"
+            raise ValueError(f"layer {layer.name!r} {where} model {model.name!r}")
+        _check_channels_last(layer, len(found[0].shape))
+    logits = outputs[id(logits_layer)][0]
+    if len(logits.shape) != 2:
+        raise ValueError(
+            f"the logits layer {logits_layer.name!r} outputs shape {tuple(logits.shape)}; "
+            "fullgrad needs [batch, classes] (pass get_logits_layer(model, name=...))"
+        )
+    exposed = keras.Model(
+        cloned.inputs[0],
+        [logits, *[outputs[id(layer)][0] for layer in intermediates]],
+        name=f"{model.name}_fullgrad",
+    )
+    logits_bias = (
+        effective_bias(logits_layer)
+        if has_bias(logits_layer)
+        else np.zeros([logits.shape[-1]], np.float32)
+    )
+    _EXPOSED[exposed] = ExposedModel(
+        model=exposed,
+        source=model,
+        logits_layer=logits_layer,
+        layers=tuple(intermediates),
+        biases=tuple(effective_bias(layer) for layer in intermediates),
+        logits_bias=np.broadcast_to(logits_bias, [logits.shape[-1]]).astype(np.float32),
+    )
+    return exposed
+
