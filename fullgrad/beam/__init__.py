@@ -1,0 +1,1 @@
+"""Beam pieces of fullgrad."""
