@@ -1,0 +1,223 @@
+"""Running the Beam job on Dask: a local cluster's lifecycle and the runner's options.
+
+``fullgrad run --runner dask`` ends up here. With ``--dask_client_address tcp://HOST:PORT``
+the job runs on that scheduler's workers (a real multi-node cluster: ``dask scheduler``
+on one node, ``dask worker tcp://HOST:8786`` on each, ``fullgrad`` installed everywhere).
+Without it, a ``dask.distributed.LocalCluster`` is started on 127.0.0.1 with separate
+worker processes talking TCP, exactly as remote workers would, and closed when the job ends.
+
+Example:
+    >>> with dask_pipeline_args(["--runner", "dask"], workers=2) as beam_args:
+    ...     run_pipeline(beam_args)   # --runner=fullgrad.beam.dask_runner.DaskRunner ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Sequence
+
+from fullgrad.beam.dask_runner import DEFAULT_CONNECT_TIMEOUT_S, RUNNER_NAME, connect_client
+
+__all__ = [
+    "DASK_RUNNER_ALIASES",
+    "LocalClusterInfo",
+    "add_dask_arguments",
+    "dask_pipeline_args",
+    "is_dask_runner",
+    "local_cluster",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+#: ``--runner`` values that select Dask (Beam itself only accepts a class's full name).
+DASK_RUNNER_ALIASES = frozenset({"dask", "daskrunner", RUNNER_NAME.lower(),
+                                 "apache_beam.runners.dask.dask_runner.daskrunner"})
+
+#: Loggers that report a cluster's orderly shutdown as warnings and tracebacks.
+_SHUTDOWN_NOISE = ("distributed.nanny", "distributed.worker", "distributed.core",
+                   "distributed.comm", "distributed.batched", "distributed.scheduler",
+                   "distributed.client")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalClusterInfo:
+    """What a started local cluster is: its address, worker processes and start-up time."""
+
+    address: str
+    worker_pids: dict[str, int]
+    threads_per_worker: int
+    startup_s: float
+
+
+def is_dask_runner(runner: str | None) -> bool:
+    """Whether a ``--runner`` value asks for Dask.
+
+    Example:
+        >>> is_dask_runner("dask"), is_dask_runner("DirectRunner")
+        (True, False)
+    """
+    return bool(runner) and runner.lower() in DASK_RUNNER_ALIASES
+
+
+def add_dask_arguments(parser) -> None:
+    """Adds the local-cluster flags to an ``argparse`` parser.
+
+    ``--dask_client_address`` and ``--dask_connection_timeout`` are Beam's own
+    ``DaskOptions``; they pass through to the pipeline options untouched.
+
+    Example:
+        >>> add_dask_arguments(parser)   # then --dask-workers 2 --dask-threads-per-worker 1
+    """
+    group = parser.add_argument_group("Dask (with --runner dask)")
+    group.add_argument("--dask-workers", type=int, default=2, metavar="N",
+                       help="Worker processes of the local cluster started when no "
+                            "--dask_client_address is given (default 2).")
+    group.add_argument("--dask-threads-per-worker", type=int, default=1, metavar="M",
+                       help="Threads per local worker process (default 1; each thread "
+                            "runs one bundle at a time, all share the process's model).")
+    group.add_argument("--dask-memory-limit", default="auto", metavar="BYTES",
+                       help="Memory limit per local worker, e.g. 4GiB (default: auto).")
+
+
+@contextlib.contextmanager
+def local_cluster(
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    memory_limit: str | int = "auto",
+) -> Iterator[LocalClusterInfo]:
+    """Starts a ``LocalCluster`` of worker processes on 127.0.0.1 and closes it on exit.
+
+    No dashboard (it would need bokeh and an open port); workers are separate processes
+    behind nannies, so a crashed worker is restarted and its tasks re-run, as on a real
+    cluster. Shutdown warnings from the closing workers are silenced.
+
+    Args:
+        workers: Worker processes.
+        threads_per_worker: Threads in each worker process.
+        memory_limit: Per worker, bytes or a string like ``"4GiB"``; ``"auto"`` splits RAM.
+
+    Yields:
+        The cluster's address, worker pids and start-up time.
+
+    Example:
+        >>> with local_cluster(workers=2) as cluster:
+        ...     print(cluster.address)   # tcp://127.0.0.1:40123
+    """
+    from dask.distributed import LocalCluster
+
+    if workers < 1 or threads_per_worker < 1:
+        raise ValueError(f"need at least one worker and one thread, got {workers} x "
+                         f"{threads_per_worker}")
+    start = time.perf_counter()
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        memory_limit=memory_limit,
+    )
+    try:
+        client = connect_client(cluster.scheduler_address)
+        try:
+            client.wait_for_workers(workers, timeout=120)
+            pids = client.run(_pid)
+        finally:
+            client.close()
+        info = LocalClusterInfo(cluster.scheduler_address, dict(pids), threads_per_worker,
+                                time.perf_counter() - start)
+        _LOGGER.info("Dask LocalCluster at %s: %d worker processes x %d threads, up in %.1f s",
+                     info.address, workers, threads_per_worker, info.startup_s)
+        yield info
+    finally:
+        with _quiet(_SHUTDOWN_NOISE):
+            cluster.close(timeout=30)
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+@contextlib.contextmanager
+def _quiet(names: Sequence[str]) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _flag_value(args: Sequence[str], name: str) -> str | None:
+    """The value of ``--name=V`` or ``--name V`` in ``args`` (last one wins), else None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _without_flag(args: Sequence[str], name: str) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = i + 1 < len(args)
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+@contextlib.contextmanager
+def dask_pipeline_args(
+    beam_args: Sequence[str],
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    memory_limit: str | int = "auto",
+) -> Iterator[list[str]]:
+    """Turns ``--runner dask`` Beam arguments into ones Beam runs, with a cluster to run on.
+
+    The runner becomes ``fullgrad.beam.dask_runner.DaskRunner``. Without
+    ``--dask_client_address`` a local cluster is started for the duration of the block.
+    An address given is checked first, so an unreachable scheduler fails here, within
+    ``--dask_connection_timeout`` seconds (default 10), with a message naming it.
+
+    Args:
+        beam_args: Beam pipeline arguments, including ``--runner``.
+        workers: Local worker processes when no address is given.
+        threads_per_worker: Threads per local worker.
+        memory_limit: Per local worker.
+
+    Yields:
+        The arguments to build ``PipelineOptions`` from.
+
+    Raises:
+        ConnectionError: The scheduler at ``--dask_client_address`` does not answer.
+
+    Example:
+        >>> with dask_pipeline_args(["--runner=dask"], workers=2) as args:
+        ...     PipelineOptions(args)
+    """
+    args = _without_flag(list(beam_args), "--runner")
+    args.insert(0, f"--runner={RUNNER_NAME}")
+    address = _flag_value(args, "--dask_client_address")
+    if address:
+        timeout_flag = _flag_value(args, "--dask_connection_timeout")
+        timeout = float(timeout_flag) if timeout_flag else DEFAULT_CONNECT_TIMEOUT_S
+        connect_client(address, timeout=timeout).close()
+        yield args
+        return
+    with local_cluster(workers, threads_per_worker, memory_limit) as cluster:
+        yield [*args, f"--dask_client_address={cluster.address}"]
