@@ -18,19 +18,28 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
-
-from fullgrad.beam.dask_runner import DEFAULT_CONNECT_TIMEOUT_S, RUNNER_NAME, connect_client
+from typing import Any
 
 __all__ = [
     "DASK_RUNNER_ALIASES",
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "RUNNER_NAME",
+    "DaskSettings",
     "LocalClusterInfo",
     "add_dask_arguments",
+    "connect_client",
     "dask_pipeline_args",
     "is_dask_runner",
     "local_cluster",
+    "runner_flag",
 ]
 
 _LOGGER = logging.getLogger(__name__)
+
+#: The fully qualified name Beam's ``--runner`` flag takes for our Dask runner.
+RUNNER_NAME = "fullgrad.beam.dask_runner.DaskRunner"
+#: Default seconds to wait for a scheduler before failing (Dask's own default is 30 s).
+DEFAULT_CONNECT_TIMEOUT_S = 10
 
 #: ``--runner`` values that select Dask (Beam itself only accepts a class's full name).
 DASK_RUNNER_ALIASES = frozenset({"dask", "daskrunner", RUNNER_NAME.lower(),
@@ -40,6 +49,54 @@ DASK_RUNNER_ALIASES = frozenset({"dask", "daskrunner", RUNNER_NAME.lower(),
 _SHUTDOWN_NOISE = ("distributed.nanny", "distributed.worker", "distributed.core",
                    "distributed.comm", "distributed.batched", "distributed.scheduler",
                    "distributed.client")
+
+
+def connect_client(address: str | None, timeout: float | None = None, **kwargs: Any):
+    """Connects a ``dask.distributed.Client``, failing fast with a clear message.
+
+    Args:
+        address: ``tcp://HOST:PORT`` of a running scheduler.
+        timeout: Seconds to wait for the scheduler; ``DEFAULT_CONNECT_TIMEOUT_S`` when None.
+        **kwargs: Passed on to ``Client`` (``name``, ``connection_limit``...).
+
+    Returns:
+        A connected client.
+
+    Raises:
+        ConnectionError: When no scheduler answers at ``address`` within ``timeout``.
+
+    Example:
+        >>> client = connect_client("tcp://127.0.0.1:8786", timeout=5)
+    """
+    from dask.distributed import Client
+
+    timeout = DEFAULT_CONNECT_TIMEOUT_S if timeout is None else timeout
+    try:
+        return Client(address, timeout=timeout, set_as_default=False, **kwargs)
+    except (OSError, TimeoutError) as error:
+        raise ConnectionError(
+            f"No Dask scheduler answered at {address!r} within {timeout} s "
+            f"(--dask_connection_timeout). Is the scheduler running and reachable from here? "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
+@dataclasses.dataclass(frozen=True)
+class DaskSettings:
+    """The local cluster's shape (unused when ``--dask_client_address`` is given).
+
+    Example:
+        >>> DaskSettings(workers=4, threads_per_worker=2)
+    """
+
+    workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str | int = "auto"
+
+    @classmethod
+    def from_args(cls, args: Any) -> DaskSettings:
+        """From ``--dask-workers``, ``--dask-threads-per-worker``, ``--dask-memory-limit``."""
+        return cls(args.dask_workers, args.dask_threads_per_worker, args.dask_memory_limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +224,16 @@ def _flag_value(args: Sequence[str], name: str) -> str | None:
     return value
 
 
+def runner_flag(beam_args: Sequence[str]) -> str | None:
+    """The ``--runner`` value in Beam arguments, or None.
+
+    Example:
+        >>> runner_flag(["--runner", "dask", "--dask_npartitions", "8"])
+        'dask'
+    """
+    return _flag_value(beam_args, "--runner")
+
+
 def _without_flag(args: Sequence[str], name: str) -> list[str]:
     out: list[str] = []
     skip = False
@@ -182,23 +249,18 @@ def _without_flag(args: Sequence[str], name: str) -> list[str]:
 
 @contextlib.contextmanager
 def dask_pipeline_args(
-    beam_args: Sequence[str],
-    workers: int = 2,
-    threads_per_worker: int = 1,
-    memory_limit: str | int = "auto",
+    beam_args: Sequence[str], settings: DaskSettings | None = None
 ) -> Iterator[list[str]]:
     """Turns ``--runner dask`` Beam arguments into ones Beam runs, with a cluster to run on.
 
     The runner becomes ``fullgrad.beam.dask_runner.DaskRunner``. Without
-    ``--dask_client_address`` a local cluster is started for the duration of the block.
-    An address given is checked first, so an unreachable scheduler fails here, within
-    ``--dask_connection_timeout`` seconds (default 10), with a message naming it.
+    ``--dask_client_address`` a local cluster of ``settings`` is started for the duration
+    of the block. An address given is checked first, so an unreachable scheduler fails
+    here, within ``--dask_connection_timeout`` seconds (default 10), naming the address.
 
     Args:
         beam_args: Beam pipeline arguments, including ``--runner``.
-        workers: Local worker processes when no address is given.
-        threads_per_worker: Threads per local worker.
-        memory_limit: Per local worker.
+        settings: The local cluster's shape; ``DaskSettings()`` (2 x 1) when None.
 
     Yields:
         The arguments to build ``PipelineOptions`` from.
@@ -207,17 +269,19 @@ def dask_pipeline_args(
         ConnectionError: The scheduler at ``--dask_client_address`` does not answer.
 
     Example:
-        >>> with dask_pipeline_args(["--runner=dask"], workers=2) as args:
+        >>> with dask_pipeline_args(["--runner=dask"], DaskSettings(workers=2)) as args:
         ...     PipelineOptions(args)
     """
+    settings = settings or DaskSettings()
     args = _without_flag(list(beam_args), "--runner")
     args.insert(0, f"--runner={RUNNER_NAME}")
     address = _flag_value(args, "--dask_client_address")
     if address:
         timeout_flag = _flag_value(args, "--dask_connection_timeout")
-        timeout = float(timeout_flag) if timeout_flag else DEFAULT_CONNECT_TIMEOUT_S
+        timeout = int(timeout_flag) if timeout_flag else DEFAULT_CONNECT_TIMEOUT_S
         connect_client(address, timeout=timeout).close()
         yield args
         return
-    with local_cluster(workers, threads_per_worker, memory_limit) as cluster:
+    with local_cluster(settings.workers, settings.threads_per_worker,
+                       settings.memory_limit) as cluster:
         yield [*args, f"--dask_client_address={cluster.address}"]

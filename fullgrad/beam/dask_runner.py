@@ -73,51 +73,18 @@ from apache_beam.transforms.sideinputs import SideInputMap
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
-__all__ = ["RUNNER_NAME", "DaskRunner", "DaskRunnerResult", "connect_client"]
+from fullgrad.beam.dask import RUNNER_NAME, connect_client
+
+__all__ = ["DaskRunner", "DaskRunnerResult"]
 
 _LOGGER = logging.getLogger(__name__)
 
-#: The fully qualified name Beam's ``--runner`` flag takes for this runner.
-RUNNER_NAME = "fullgrad.beam.dask_runner.DaskRunner"
-
 #: Tag under which a bundle reports its metric updates next to its outputs.
 _METRICS_TAG = "__fullgrad_dask_metrics__"
-#: Default seconds to wait for a scheduler before failing (Dask's own default is 30 s).
-DEFAULT_CONNECT_TIMEOUT_S = 10
 #: Partitions per worker thread when a Reshuffle or a source split spreads the data.
 _PARTITIONS_PER_THREAD = 2
 #: How many runs' worth of set-up DoFns a worker keeps (a long-lived cluster serves many).
 _RUNS_KEPT = 2
-
-
-def connect_client(address: str | None, timeout: float | None = None, **kwargs: Any):
-    """Connects a ``dask.distributed.Client``, failing fast with a clear message.
-
-    Args:
-        address: ``tcp://HOST:PORT`` of a running scheduler.
-        timeout: Seconds to wait for the scheduler; ``DEFAULT_CONNECT_TIMEOUT_S`` when None.
-        **kwargs: Passed on to ``Client`` (``name``, ``connection_limit``...).
-
-    Returns:
-        A connected client.
-
-    Raises:
-        ConnectionError: When no scheduler answers at ``address`` within ``timeout``.
-
-    Example:
-        >>> client = connect_client("tcp://127.0.0.1:8786", timeout=5)
-    """
-    from dask.distributed import Client
-
-    timeout = DEFAULT_CONNECT_TIMEOUT_S if timeout is None else timeout
-    try:
-        return Client(address, timeout=timeout, set_as_default=False, **kwargs)
-    except (OSError, TimeoutError) as error:
-        raise ConnectionError(
-            f"No Dask scheduler answered at {address!r} within {timeout} s "
-            f"(--dask_connection_timeout). Is the scheduler running and reachable from here? "
-            f"({type(error).__name__}: {error})"
-        ) from error
 
 
 # --------------------------------------------------------------------------- worker side
@@ -195,7 +162,6 @@ def _run_bundle(
     Returns every output as ``(tag, value)`` (main output tag None) and, last, the
     bundle's metric updates under ``_METRICS_TAG``.
     """
-    dofn = _set_up_dofn(run_id, label, dofn)
     out: list[tuple[str | None, Any]] = []
     receivers = _Receivers(out)
     handler = _OutputHandler(
@@ -211,6 +177,10 @@ def _run_bundle(
         SideInputMap(view_class, options, [_windowed(v) for v in values])
         for (view_class, options), values in zip(side_specs, side_values, strict=True)
     ]
+    container = MetricsContainer(label)
+    with _scoped_metrics(label, container):
+        # Set-up metrics (a model load) count with the first bundle that needed it.
+        dofn = _set_up_dofn(run_id, label, dofn)
     invoker = DoFnInvoker.create_invoker(
         DoFnSignature(dofn),
         handler,
@@ -221,7 +191,6 @@ def _run_bundle(
         user_state_context=None,
         bundle_finalizer_param=beam.DoFn.BundleFinalizerParam(),
     )
-    container = MetricsContainer(label)
     with _scoped_metrics(label, container):
         invoker.invoke_start_bundle()
         for item in items:

@@ -22,16 +22,18 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fullgrad.beam.config import FORMATS, MAP_DTYPES, JobConfig
+from fullgrad.beam.dask import DaskSettings, add_dask_arguments
 from fullgrad.images import DEFAULT_MAX_PIXELS, PREPROCESS_MODES
 
 __all__ = [
@@ -99,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Any other flag goes to Beam's PipelineOptions, e.g. --runner DataflowRunner "
         "--project P --region R --temp_location gs://b/tmp, or --direct_num_workers 2 "
-        "--direct_running_mode multi_processing locally."
+        "--direct_running_mode multi_processing locally, or --runner dask [--dask-workers N | "
+        "--dask_client_address tcp://HOST:8786] on a dask.distributed cluster."
     )
     data = parser.add_argument_group("data")
     data.add_argument("--input", required=True, help="file glob(s), comma-separated; gs:// s3://")
@@ -139,6 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="replace an earlier run's outputs (default: refuse)")
     out.add_argument("--progress-every", type=int, default=1000,
                      help="log a progress line every N images per worker (0: never)")
+    add_dask_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -187,7 +191,7 @@ def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         config = config_from_args(args)
-        summary = run(config, extra)
+        summary = run(config, extra, dask=DaskSettings.from_args(args))
     except (JobError, ValueError, FileNotFoundError) as error:
         print(f"fullgrad run: error: {error}", file=sys.stderr)
         return 2
@@ -432,12 +436,37 @@ def _audit_settings(config: JobConfig) -> Any:
     return factory()
 
 
-def run(config: JobConfig, extra: Sequence[str] = (), **option_overrides: Any) -> dict:
+@contextlib.contextmanager
+def _engine_args(extra: Sequence[str], dask: DaskSettings | None) -> Iterator[list[str]]:
+    """``extra`` as Beam takes it; for ``--runner dask``, with a cluster up meanwhile."""
+    from fullgrad.beam.dask import dask_pipeline_args, is_dask_runner, runner_flag
+
+    if not is_dask_runner(runner_flag(extra)):
+        yield list(extra)
+        return
+    try:
+        with dask_pipeline_args(extra, dask or DaskSettings()) as args:
+            yield args
+    except ConnectionError as error:
+        raise JobError(str(error)) from error
+
+
+def run(
+    config: JobConfig,
+    extra: Sequence[str] = (),
+    *,
+    dask: DaskSettings | None = None,
+    **option_overrides: Any,
+) -> dict:
     """Checks, runs the pipeline to completion, writes and returns ``summary.json``.
 
     Args:
         config: The job's settings.
-        extra: Beam pipeline flags (``--runner``, ``--direct_num_workers`` ...).
+        extra: Beam pipeline flags (``--runner``, ``--direct_num_workers`` ...). With
+            ``--runner dask`` the job runs on dask.distributed: on the scheduler at
+            ``--dask_client_address``, else on a local cluster started (after the checks
+            below) and closed here.
+        dask: The local Dask cluster's size (``--dask-workers`` ...); default 2 x 1.
         option_overrides: ``PipelineOptions`` keywords that win over ``extra``.
 
     Returns:
@@ -462,12 +491,14 @@ def run(config: JobConfig, extra: Sequence[str] = (), **option_overrides: Any) -
         except ImportError as error:
             raise JobError(f"--audit needs fullgrad.audit, not available: {error}") from error
     prepare_output(config)
-    options = pipeline_options(extra, **option_overrides)
-    start = time.perf_counter()
-    _LOGGER.info("fullgrad: explaining %s (%d files) -> %s", config.input, files, config.output)
-    with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, config)
-    wall = time.perf_counter() - start
+    with _engine_args(extra, dask) as beam_args:
+        options = pipeline_options(beam_args, **option_overrides)
+        start = time.perf_counter()
+        _LOGGER.info("fullgrad: explaining %s (%d files) -> %s", config.input, files,
+                     config.output)
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, config)
+        wall = time.perf_counter() - start
     counts_path = FileSystems.join(config.output, "counts.json")
     with FileSystems.open(counts_path) as handle:
         counts = json.loads(handle.read())
