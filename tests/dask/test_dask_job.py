@@ -1,0 +1,228 @@
+"""``fullgrad run --runner dask`` on a real 2-process LocalCluster, against the local runner.
+
+Real Parquet and TFRecord files with bad rows; the outputs (maps, dead letters, summary
+counts, overlays) must equal the local runner's row for row, by id. Maps are compared to
+1e-6: a worker batches different images together, which moves float32 sums by an ulp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from beamdata import (
+    SIZE,
+    encode,
+    good_rows,
+    random_image,
+    read_output,
+    write_parquet,
+    write_tfrecord,
+)
+
+from fullgrad.beam import job
+from fullgrad.beam.config import JobConfig
+from fullgrad.beam.dask import RUNNER_NAME
+from fullgrad.beam.io import read_maps, safe_file_name
+
+
+def _config(data: str, pattern: str, output: str, model_path: str, **overrides) -> JobConfig:
+    settings = {"input": os.path.join(data, pattern), "model": model_path, "output": output,
+                "image_size": SIZE, "preprocess": "unit", "batch_size": 4,
+                "map_dtype": "float32", "overlays": 4, "progress_every": 0}
+    settings.update(overrides)
+    return JobConfig(**settings)
+
+
+def _dask_args(cluster) -> list[str]:
+    return ["--runner", "dask", f"--dask_client_address={cluster.address}"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """20 good images and 5 bad rows over Parquet files; 8 good + 3 bad TFRecord records."""
+    folder = tmp_path_factory.mktemp("data")
+    png = encode(random_image(50))
+    bad = [
+        {"id": "../../x", "image": png, "label": 1, "mask": None},  # fine, but a hostile id
+        {"id": "empty", "image": b"", "label": 1, "mask": None},
+        {"id": "corrupt", "image": png[:80], "label": 1, "mask": None},
+        {"id": None, "image": png, "label": 1, "mask": None},
+        {"id": "text", "image": b"<html>not an image</html>", "label": 2, "mask": None},
+    ]
+    rows = good_rows(20) + bad
+    write_parquet(str(folder / "a.parquet"), rows[:13], row_group_size=4)
+    write_parquet(str(folder / "b.parquet"), rows[13:], row_group_size=5)
+    (folder / "c.parquet").write_bytes(b"PAR1 not parquet at all")
+    records = good_rows(8, start=100) + [
+        {"id": "no-image", "label": 1},
+        {"id": "jpeg-junk", "image": b"\xff\xd8\xff\xe0 broken", "label": 1},
+        {"id": "../escape", "image": png, "label": 0},
+    ]
+    write_tfrecord(str(folder / "a.tfrecord"), records[:6])
+    write_tfrecord(str(folder / "b.tfrecord"), records[6:])
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def local_parquet(data, model_path, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("local") / "out")
+    summary = job.run(_config(data, "*.parquet", output, model_path))
+    return output, summary
+
+
+def _assert_same_outputs(local: str, on_dask: str) -> None:
+    local_maps, local_dead = read_output(local)
+    dask_maps, dask_dead = read_output(on_dask)
+    assert dask_maps.column("id").to_pylist() == local_maps.column("id").to_pylist()
+    for column in ("target", "label", "topk_classes", "thumbnail", "mask"):
+        assert dask_maps.column(column).equals(local_maps.column(column)), column
+    for column in ("logit", "residual"):
+        np.testing.assert_allclose(dask_maps.column(column).to_numpy(),
+                                   local_maps.column(column).to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(dask_maps.column("topk_logits").to_pylist()),
+        np.array(local_maps.column("topk_logits").to_pylist()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(read_maps(dask_maps), read_maps(local_maps), atol=1e-6)
+    assert dask_dead.equals(local_dead)
+    summaries = []
+    for folder in (local, on_dask):
+        with open(os.path.join(folder, "summary.json")) as handle:
+            summary = json.load(handle)
+        summaries.append({k: summary[k] for k in ("input", "explained", "failed",
+                                                   "failed_by_stage", "files")})
+    assert summaries[0] == summaries[1]
+    with open(os.path.join(local, "overlays", "index.json")) as a, \
+            open(os.path.join(on_dask, "overlays", "index.json")) as b:
+        assert json.load(a) == json.load(b)
+    assert not [n for n in os.listdir(on_dask) if n.startswith("beam-temp")]
+
+
+def test_parquet_run_equals_the_local_runner_and_ids_stay_inside(
+        cluster, client, data, model_path, local_parquet, tmp_path):
+    local, local_summary = local_parquet
+    assert (local_summary["input"], local_summary["explained"]) == (26, 21)
+    output = str(tmp_path / "out")
+    summary = job.run(_config(data, "*.parquet", output, model_path), _dask_args(cluster))
+    _assert_same_outputs(local, output)
+    assert (summary["input"], summary["explained"], summary["failed"]) == (26, 21, 5)
+    # The hostile id "../../x" is explained and stays data: its overlay is inside overlays/.
+    maps, _ = read_output(output)
+    assert "../../x" in maps.column("id").to_pylist()
+    assert os.path.isfile(os.path.join(output, "overlays", safe_file_name("../../x")))
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert not os.path.exists(os.path.join(os.path.dirname(output), "..", "x"))
+
+
+def test_tfrecord_run_equals_the_local_runner_and_loads_the_model_once_per_worker(
+        cluster, client, data, model_path, tmp_path):
+    local = str(tmp_path / "local")
+    job.run(_config(data, "*.tfrecord", local, model_path, overlays=0))
+    # Build the job's pipeline directly to read the handler's model_loads metric.
+    config = _config(data, "*.tfrecord", str(tmp_path / "dask"), model_path, overlays=0,
+                     batch_size=2)
+    config.num_classes = job.check_model(config)
+    job.prepare_output(config)
+    options = job.pipeline_options([f"--runner={RUNNER_NAME}",
+                                    f"--dask_client_address={cluster.address}",
+                                    "--dask_npartitions=6"])
+    pipeline = beam.Pipeline(options=options)
+    outputs = job.build_pipeline(pipeline, config)
+    del outputs
+    result = pipeline.run()
+    result.wait_until_finish()
+    loads = result.metrics().query(MetricsFilter().with_name("model_loads"))["counters"]
+    inferences = result.metrics().query(MetricsFilter().with_name("num_inferences"))["counters"]
+    # 9 decodable images in 6 bundles (batches of 2) over 2 worker processes x 1 thread:
+    # Beam's own DaskRunner would load once per bundle; we load once per process.
+    assert sum(m.committed for m in inferences) == 9
+    assert 1 <= sum(m.committed for m in loads) <= 2
+    local_maps, local_dead = read_output(local)
+    dask_maps, dask_dead = read_output(str(tmp_path / "dask"))
+    assert dask_maps.column("id").to_pylist() == local_maps.column("id").to_pylist()
+    assert "../escape" in dask_maps.column("id").to_pylist()
+    np.testing.assert_allclose(read_maps(dask_maps), read_maps(local_maps), atol=1e-6)
+    assert dask_dead.equals(local_dead)
+    assert sorted(dask_dead.column("id").to_pylist()) == ["jpeg-junk", "no-image"]
+
+
+def _kill_a_busy_worker(client, done: threading.Event, killed: list) -> None:
+    """Kills (SIGKILL) the first worker seen running a Beam bundle for 0.3 s."""
+    pids = client.run(os.getpid)
+    while not done.is_set():
+        for worker, keys in client.processing().items():
+            if any("_run_bundle" in str(key) for key in keys):
+                time.sleep(0.3)
+                if done.is_set():
+                    return
+                os.kill(pids[worker], signal.SIGKILL)
+                killed.append((pids[worker], time.perf_counter()))
+                return
+        time.sleep(0.05)
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(
+        cluster, client, data, model_path, local_parquet, tmp_path):
+    local, _ = local_parquet
+    output = str(tmp_path / "out")
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_busy_worker, args=(client, done, killed))
+    killer.start()
+    try:
+        job.run(_config(data, "*.parquet", output, model_path), _dask_args(cluster))
+    finally:
+        finished = time.perf_counter()
+        done.set()
+        killer.join()
+    assert killed and killed[0][1] < finished, "no worker was killed while the job ran"
+    client.wait_for_workers(2, timeout=120)
+    assert killed[0][0] not in client.run(os.getpid).values()  # the nanny started a new one
+    # Dask re-ran the lost tasks: the same rows, each exactly once.
+    _assert_same_outputs(local, output)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cli_with_an_unreachable_scheduler_fails_fast_and_writes_nothing(
+        data, model_path, tmp_path, capsys):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    args, extra = parser.parse_known_args([
+        "--input", os.path.join(data, "*.parquet"), "--model", model_path,
+        "--output", str(tmp_path / "out"), "--image-size", str(SIZE),
+        "--runner", "dask", "--dask_client_address", address, "--dask_connection_timeout", "2",
+    ])
+    start = time.perf_counter()
+    assert job.main(args, extra) == 2
+    assert time.perf_counter() - start < 30  # model check + a 2 s connect timeout
+    error = capsys.readouterr().err
+    assert f"No Dask scheduler answered at '{address}' within 2 s" in error
+    assert not os.listdir(tmp_path / "out")
+
+
+def test_cli_flags_select_dask_and_size_the_local_cluster():
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    args, extra = parser.parse_known_args(
+        ["--input", "x", "--model", "m", "--output", "o", "--runner", "dask",
+         "--dask-workers", "3", "--dask-threads-per-worker", "2"])
+    from fullgrad.beam.dask import DaskSettings, is_dask_runner, runner_flag
+
+    assert DaskSettings.from_args(args) == DaskSettings(3, 2, "auto")
+    assert is_dask_runner(runner_flag(extra)) and extra == ["--runner", "dask"]
+    assert pa is not None
