@@ -144,10 +144,11 @@ def local_cluster(
     workers: int = 2,
     threads_per_worker: int = 1,
     memory_limit: str | int = "auto",
+    allowed_failures: int | None = None,
 ) -> Iterator[LocalClusterInfo]:
     """Starts a ``LocalCluster`` of worker processes on 127.0.0.1 and closes it on exit.
 
-    No dashboard (it would need bokeh and an open port); workers are separate processes
+    No dashboard (it would need bokeh and a fixed port); workers are separate processes
     behind nannies, so a crashed worker is restarted and its tasks re-run, as on a real
     cluster. Shutdown warnings from the closing workers are silenced.
 
@@ -155,6 +156,9 @@ def local_cluster(
         workers: Worker processes.
         threads_per_worker: Threads in each worker process.
         memory_limit: Per worker, bytes or a string like ``"4GiB"``; ``"auto"`` splits RAM.
+        allowed_failures: How many workers may die running one task before Dask fails the
+            job with ``KilledWorker``; None takes ``distributed.scheduler.allowed-failures``
+            (3).
 
     Yields:
         The cluster's address, worker pids and start-up time.
@@ -175,6 +179,10 @@ def local_cluster(
         processes=True,
         host="127.0.0.1",
         dashboard_address=None,
+        # The scheduler still serves /health on HTTP; an ephemeral port on 127.0.0.1 keeps
+        # it from taking 8787 (or warning that it is taken) on a shared machine.
+        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0",
+                          "allowed_failures": allowed_failures},
         memory_limit=memory_limit,
     )
     try:

@@ -496,8 +496,15 @@ def run(
         start = time.perf_counter()
         _LOGGER.info("fullgrad: explaining %s (%d files) -> %s", config.input, files,
                      config.output)
-        with beam.Pipeline(options=options) as pipeline:
-            build_pipeline(pipeline, config)
+        try:
+            with beam.Pipeline(options=options) as pipeline:
+                build_pipeline(pipeline, config)
+        except Exception:
+            # Sinks that finished have written files; summary.json, written only below,
+            # is what marks a run complete.
+            _LOGGER.error("fullgrad: the pipeline failed; %s holds an incomplete run (no "
+                          "summary.json). Rerun with --overwrite.", config.output)
+            raise
         wall = time.perf_counter() - start
     counts_path = FileSystems.join(config.output, "counts.json")
     with FileSystems.open(counts_path) as handle:

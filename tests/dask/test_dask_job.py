@@ -226,3 +226,31 @@ def test_cli_flags_select_dask_and_size_the_local_cluster():
     assert DaskSettings.from_args(args) == DaskSettings(3, 2, "auto")
     assert is_dask_runner(runner_flag(extra)) and extra == ["--runner", "dask"]
     assert pa is not None
+
+
+def test_when_dask_gives_up_on_a_killed_worker_the_run_fails_and_looks_incomplete(
+        data, model_path, tmp_path):
+    from dask.distributed import KilledWorker
+
+    from fullgrad.beam.dask import connect_client, local_cluster
+
+    output = str(tmp_path / "out")
+    # allowed_failures=0: the first worker death fails its tasks instead of re-running them.
+    with local_cluster(workers=2, threads_per_worker=1, allowed_failures=0) as strict:
+        client = connect_client(strict.address)
+        done, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_a_busy_worker, args=(client, done, killed))
+        killer.start()
+        try:
+            with pytest.raises(KilledWorker, match="workers died while running it"):
+                job.run(_config(data, "*.parquet", output, model_path),
+                        ["--runner", "dask", f"--dask_client_address={strict.address}"])
+        finally:
+            done.set()
+            killer.join()
+            client.close()
+    assert killed
+    # No summary.json: the folder is recognisably incomplete, and a plain rerun refuses it.
+    assert not os.path.exists(os.path.join(output, "summary.json"))
+    with pytest.raises(job.JobError, match="--overwrite"):
+        job.prepare_output(_config(data, "*.parquet", output, model_path))
