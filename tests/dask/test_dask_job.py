@@ -250,7 +250,9 @@ def test_when_dask_gives_up_on_a_killed_worker_the_run_fails_and_looks_incomplet
             killer.join()
             client.close()
     assert killed
-    # No summary.json: the folder is recognisably incomplete, and a plain rerun refuses it.
-    assert not os.path.exists(os.path.join(output, "summary.json"))
-    with pytest.raises(job.JobError, match="--overwrite"):
-        job.prepare_output(_config(data, "*.parquet", output, model_path))
+    # No summary.json (written only after the whole pipeline finished): the folder is
+    # recognisably incomplete. Whatever else is there is Beam's temporary files or sinks
+    # that had finished before the kill.
+    left = os.listdir(output)
+    assert "summary.json" not in left
+    assert all(n.startswith(("beam-temp-", "maps-", "dead_letter-", "overlays")) for n in left)
