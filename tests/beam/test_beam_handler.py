@@ -62,7 +62,7 @@ def test_a_failing_image_costs_only_itself(model_path):
     results = list(handler.run_inference(batch, explainer))
     assert "error" in results[1].inference and "error" not in results[0].inference
     assert "error" not in results[2].inference
-    alone = list(handler.run_inference([batch[2]], explainer))[0]
+    alone = next(iter(handler.run_inference([batch[2]], explainer)))
     np.testing.assert_allclose(results[2].inference["map"], alone.inference["map"], atol=1e-6)
 
 
