@@ -247,6 +247,8 @@ def check_input(config: JobConfig) -> int:
 
     total = 0
     for pattern in input_patterns(config.input):
+        if os.path.isdir(pattern):
+            raise JobError(f"--input {pattern} is a folder; pass a glob such as {pattern}/*")
         try:
             found = len(FileSystems.match([pattern])[0].metadata_list)
         except Exception as error:
