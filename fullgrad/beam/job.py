@@ -457,6 +457,35 @@ def _audit_settings(config: JobConfig) -> Any:
     return factory()
 
 
+def job_metrics(result: Any) -> dict[str, Any]:
+    """The ``fullgrad`` namespace's metrics of a finished run, where the runner reports them.
+
+    Counters as numbers; distributions (batch latency, model load time) as count/sum/min/max.
+    Committed values where the runner has them, else attempted ones; ``{}`` if the runner
+    reports nothing. The counts of ``summary.json`` never rely on metrics.
+    """
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from fullgrad.beam.handler import METRICS_NAMESPACE
+
+    try:
+        queried = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    except Exception:  # noqa: BLE001 -- some runners do not implement metrics
+        return {}
+    metrics: dict[str, Any] = {}
+    for counter in queried.get("counters", []):
+        value = counter.committed if counter.committed is not None else counter.attempted
+        name = counter.key.metric.name
+        metrics[name] = metrics.get(name, 0) + int(value or 0)
+    for dist in queried.get("distributions", []):
+        value = dist.committed if dist.committed is not None else dist.attempted
+        if value is not None and value.count:
+            metrics[dist.key.metric.name] = {
+                "count": value.count, "sum": value.sum, "min": value.min, "max": value.max
+            }
+    return dict(sorted(metrics.items()))
+
+
 def run(config: JobConfig, extra: Sequence[str] = (), **option_overrides: Any) -> dict:
     """Checks, runs the pipeline to completion, writes and returns ``summary.json``.
 
@@ -490,8 +519,10 @@ def run(config: JobConfig, extra: Sequence[str] = (), **option_overrides: Any) -
     options = pipeline_options(extra, **option_overrides)
     start = time.perf_counter()
     _LOGGER.info("fullgrad: explaining %s (%d files) -> %s", config.input, files, config.output)
-    with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, config)
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, config)
+    result = pipeline.run()
+    result.wait_until_finish()
     wall = time.perf_counter() - start
     counts_path = FileSystems.join(config.output, "counts.json")
     with FileSystems.open(counts_path) as handle:
@@ -502,6 +533,7 @@ def run(config: JobConfig, extra: Sequence[str] = (), **option_overrides: Any) -
         "wall_time_s": round(wall, 3),
         "images_per_s": round(counts["explained"] / wall, 3) if wall > 0 else None,
         "files": files,
+        "metrics": job_metrics(result),
         "config": {k: v for k, v in dataclasses.asdict(config).items()},
     }
     if counts["input"] != counts["explained"] + counts["failed"]:
