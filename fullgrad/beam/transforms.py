@@ -61,6 +61,10 @@ class DecodeRows(beam.DoFn):
         try:
             if image is None:
                 raise ImageError("image is null")
+            if isinstance(image, str):
+                raise ImageError(
+                    "the image column holds text; expected PNG/JPEG bytes or a pixel array"
+                )
             if isinstance(image, bytes | bytearray | memoryview):
                 rgb = decode_image(image, self._size, self._max_pixels).astype(np.float32)
             else:
