@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -43,8 +44,10 @@ __all__ = [
     "JobOutputs",
     "add_arguments",
     "build_pipeline",
+    "check_input",
     "check_model",
     "config_from_args",
+    "job_metrics",
     "main",
     "pipeline_options",
     "prepare_output",
@@ -209,6 +212,10 @@ def check_model(config: JobConfig) -> int:
         JobError: Missing, unloadable or unsafe file; not a single-output classifier; an input
             shape that does not take ``image_size x image_size`` RGB images; a ``--target``
             class out of range.
+
+    Example:
+        >>> check_model(JobConfig(input="x.parquet", model="model.keras", output="out"))
+        1000
     """
     import fullgrad
     from fullgrad.models import ModelLoadError
@@ -242,7 +249,11 @@ def check_input(config: JobConfig) -> int:
     """Counts the files the input globs match.
 
     Raises:
-        JobError: A glob matches no file.
+        JobError: A glob matches no file, or is a folder.
+
+    Example:
+        >>> check_input(JobConfig(input="data/*.parquet", model="m.keras", output="out"))
+        12
     """
     from apache_beam.io.filesystems import FileSystems
 
@@ -250,6 +261,8 @@ def check_input(config: JobConfig) -> int:
 
     total = 0
     for pattern in input_patterns(config.input):
+        if os.path.isdir(pattern):
+            raise JobError(f"--input {pattern} is a folder; pass a glob such as {pattern}/*")
         try:
             found = len(FileSystems.match([pattern])[0].metadata_list)
         except Exception as error:
@@ -260,6 +273,16 @@ def check_input(config: JobConfig) -> int:
     return total
 
 
+def _matching_paths(pattern: str) -> list[str]:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        matched = FileSystems.match([pattern])[0]
+    except Exception:  # noqa: BLE001 -- Beam raises when the folder does not exist yet
+        return []
+    return [m.path.rstrip("/") for m in matched.metadata_list]
+
+
 def prepare_output(config: JobConfig) -> None:
     """Refuses an output folder holding an earlier run's outputs, or clears them (--overwrite).
 
@@ -268,18 +291,27 @@ def prepare_output(config: JobConfig) -> None:
 
     Raises:
         JobError: Earlier outputs exist and ``overwrite`` is off.
+
+    Example:
+        >>> prepare_output(dataclasses.replace(config, overwrite=True))  # clears an earlier run
     """
     from apache_beam.io.filesystems import FileSystems
 
-    existing = []
+    existing = set()
     for pattern in OWNED_OUTPUTS:
-        matched = FileSystems.match([FileSystems.join(config.output, pattern)])[0]
-        existing += [m.path for m in matched.metadata_list]
-        folder = FileSystems.join(config.output, pattern)
-        if "*" not in pattern and os.path.isdir(folder):
-            existing.append(folder)
+        # Local globs match folders too; on object stores a "folder" is every object under it.
+        for candidate in (pattern, f"{pattern}/**"):
+            existing.update(_matching_paths(FileSystems.join(config.output, candidate)))
+    if os.path.isdir(config.output):
+        existing.update(
+            os.path.join(config.output, name)
+            for pattern in OWNED_OUTPUTS
+            for name in fnmatch.filter(os.listdir(config.output), pattern)
+        )
+    existing = sorted(existing)
     if not existing:
-        FileSystems.mkdirs(config.output) if not FileSystems.exists(config.output) else None
+        if not FileSystems.exists(config.output):
+            FileSystems.mkdirs(config.output)
         return
     if not config.overwrite:
         raise JobError(
@@ -288,7 +320,13 @@ def prepare_output(config: JobConfig) -> None:
             "pass --overwrite to replace them, or choose another folder"
         )
     _LOGGER.info("fullgrad: --overwrite: removing %d earlier outputs", len(existing))
-    FileSystems.delete(sorted(set(existing)))
+    # Folders first (their files go with them), then files that were not under one.
+    removed: list[str] = []
+    for path in existing:
+        if any(path.startswith(folder + "/") for folder in removed):
+            continue
+        FileSystems.delete([path])
+        removed.append(path)
 
 
 # -- the pipeline ----------------------------------------------------------------------------
@@ -436,6 +474,41 @@ def _audit_settings(config: JobConfig) -> Any:
     return factory()
 
 
+def job_metrics(result: Any) -> dict[str, Any]:
+    """The ``fullgrad`` namespace's metrics of a finished run, where the runner reports them.
+
+    Counters as numbers; distributions (batch latency, model load time) as count/sum/min/max.
+    Committed values where the runner has them, else attempted ones; ``{}`` if the runner
+    reports nothing. The counts of ``summary.json`` never rely on metrics. ``model_loads``
+    counts loads in worker processes; ``load_model_latency_milli_secs`` (RunInference's own)
+    counts every load, including a model shared from another process.
+
+    Example:
+        >>> job_metrics(pipeline.run())["images_explained"]
+        12
+    """
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from fullgrad.beam.handler import METRICS_NAMESPACE
+
+    try:
+        queried = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    except Exception:  # noqa: BLE001 -- some runners do not implement metrics
+        return {}
+    metrics: dict[str, Any] = {}
+    for counter in queried.get("counters", []):
+        value = counter.committed if counter.committed is not None else counter.attempted
+        name = counter.key.metric.name
+        metrics[name] = metrics.get(name, 0) + int(value or 0)
+    for dist in queried.get("distributions", []):
+        value = dist.committed if dist.committed is not None else dist.attempted
+        if value is not None and value.count:
+            metrics[dist.key.metric.name] = {
+                "count": value.count, "sum": value.sum, "min": value.min, "max": value.max
+            }
+    return dict(sorted(metrics.items()))
+
+
 @contextlib.contextmanager
 def _engine_args(extra: Sequence[str], dask: DaskSettings | None) -> Iterator[list[str]]:
     """``extra`` as Beam takes it; for ``--runner dask``, with a cluster up meanwhile."""
@@ -496,9 +569,11 @@ def run(
         start = time.perf_counter()
         _LOGGER.info("fullgrad: explaining %s (%d files) -> %s", config.input, files,
                      config.output)
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, config)
         try:
-            with beam.Pipeline(options=options) as pipeline:
-                build_pipeline(pipeline, config)
+            result = pipeline.run()
+            result.wait_until_finish()
         except Exception:
             # Sinks that finished have written files; summary.json, written only below,
             # is what marks a run complete.
@@ -515,6 +590,7 @@ def run(
         "wall_time_s": round(wall, 3),
         "images_per_s": round(counts["explained"] / wall, 3) if wall > 0 else None,
         "files": files,
+        "metrics": job_metrics(result),
         "config": {k: v for k, v in dataclasses.asdict(config).items()},
     }
     if counts["input"] != counts["explained"] + counts["failed"]:
