@@ -116,6 +116,12 @@ def test_parquet_run_equals_the_local_runner_and_ids_stay_inside(
     summary = job.run(_config(data, "*.parquet", output, model_path), _dask_args(cluster))
     _assert_same_outputs(local, output)
     assert (summary["input"], summary["explained"], summary["failed"]) == (26, 21, 5)
+    # Beam metrics come back from the Dask workers: the same counts as locally, and the
+    # model loaded once per worker process at most (2 here), not once per bundle.
+    local_metrics, metrics = local_summary["metrics"], summary["metrics"]
+    assert metrics["images_explained"] == local_metrics["images_explained"] == 21
+    assert metrics["failures_decode"] == local_metrics["failures_decode"]
+    assert local_metrics["model_loads"] == 1 and 1 <= metrics["model_loads"] <= 2
     # The hostile id "../../x" is explained and stays data: its overlay is inside overlays/.
     maps, _ = read_output(output)
     assert "../../x" in maps.column("id").to_pylist()
