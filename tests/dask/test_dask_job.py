@@ -262,3 +262,27 @@ def test_when_dask_gives_up_on_a_killed_worker_the_run_fails_and_looks_incomplet
     left = os.listdir(output)
     assert "summary.json" not in left
     assert all(n.startswith(("beam-temp-", "maps-", "dead_letter-", "overlays")) for n in left)
+
+
+def test_the_cli_starts_and_closes_its_own_cluster_quietly(data, model_path, local_parquet,
+                                                          tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    output = str(tmp_path / "out")
+    command = [sys.executable, "-m", "fullgrad.cli", "run",
+               "--input", os.path.join(data, "*.parquet"), "--model", model_path,
+               "--output", output, "--image-size", str(SIZE), "--preprocess", "unit",
+               "--batch-size", "4", "--map-dtype", "float32", "--overlays", "4",
+               "--progress-every", "0", "--runner", "dask", "--dask-workers", "2",
+               "--dask-threads-per-worker", "1"]
+    env = {**os.environ, "PYTHONPATH": repo, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_outputs(local_parquet[0], output)
+    assert "Dask LocalCluster at tcp://127.0.0.1:" in done.stderr
+    # A clean close: no tracebacks or shutdown warnings from the workers.
+    for noise in ("Traceback", "CommClosedError", "still alive", "Port 8787"):
+        assert noise not in done.stderr, done.stderr[-3000:]
