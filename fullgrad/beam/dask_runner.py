@@ -2,7 +2,7 @@
 
 Beam 2.77 ships ``apache_beam.runners.dask.dask_runner.DaskRunner``. Tried here on a
 2-worker ``LocalCluster``, its translation loses data in the shapes a file-writing job
-uses (see tests/dask/test_dask_runner.py, which pins each point against the real thing):
+uses (tests/dask/test_dask_runner.py shows the first, second and fourth on the real thing):
 
 - only the last leaf transform is computed, so every other sink silently never runs;
 - a multi-output ``ParDo`` (``with_outputs``, ``with_exception_handling``) sends all its
@@ -84,7 +84,7 @@ _METRICS_TAG = "__fullgrad_dask_metrics__"
 #: Partitions per worker thread when a Reshuffle or a source split spreads the data.
 _PARTITIONS_PER_THREAD = 2
 #: How many runs' worth of set-up DoFns a worker keeps (a long-lived cluster serves many).
-_RUNS_KEPT = 2
+_RUNS_KEPT = 4
 
 
 # --------------------------------------------------------------------------- worker side
@@ -98,7 +98,9 @@ def _set_up_dofn(run_id: str, label: str, fresh: beam.DoFn) -> beam.DoFn:
 
     Beam reuses a DoFn instance across bundles and calls ``setup`` once; a Dask task
     carries its own pickled copy, so without this cache every partition would set up
-    (and load a model) again. Older runs' DoFns are torn down when a new run arrives.
+    (and load a model) again. The oldest runs' DoFns are dropped, not torn down, when
+    newer runs arrive: another job may still be using them, and Beam's teardown is
+    best effort anyway.
     """
     key = (label, threading.get_ident())
     with _DOFNS_LOCK:
@@ -106,12 +108,7 @@ def _set_up_dofn(run_id: str, label: str, fresh: beam.DoFn) -> beam.DoFn:
         if run is None:
             run = _DOFNS[run_id] = {}
             while len(_DOFNS) > _RUNS_KEPT:
-                _, old = _DOFNS.popitem(last=False)
-                for dofn in old.values():
-                    try:
-                        dofn.teardown()
-                    except Exception:  # teardown is best effort, as in Beam
-                        _LOGGER.warning("DoFn teardown failed", exc_info=True)
+                _DOFNS.popitem(last=False)
         dofn = run.get(key)
     if dofn is None:
         fresh.setup()
@@ -256,8 +253,11 @@ def _concat(parts: Sequence[list]) -> list:
     return list(itertools.chain.from_iterable(parts))
 
 
-def _every_nth(values: list, start: int, step: int) -> list:
-    return values[start::step]
+def _deal(partition: Iterable[Any], hands: int) -> list[list]:
+    dealt: list[list] = [[] for _ in range(hands)]
+    for index, value in enumerate(partition):
+        dealt[index % hands].append(value)
+    return dealt
 
 
 def _has_tag(tag: Any, item: tuple) -> bool:
@@ -348,13 +348,13 @@ class _Translator(PipelineVisitor):
         import dask.bag as db
         from dask import delayed
 
-        # Spread the elements over ``parallelism`` partitions: this is what lets a single
-        # input file fan out to every worker.
-        parts = bag.to_delayed(optimize_graph=False)
-        whole = delayed(_concat)(parts)
+        # Spread the elements over ``n`` partitions, round robin within each input
+        # partition: this lets a single input file fan out to every worker, and no task
+        # holds more than one partition's worth of elements.
         n = self.bag_kwargs.get("npartitions") or self.parallelism
-        slices = [delayed(_every_nth)(whole, i, n) for i in range(n)]
-        return db.from_delayed(slices)
+        parts = bag.to_delayed(optimize_graph=False)
+        split = [delayed(_deal, nout=n)(part, n) for part in parts]
+        return db.from_delayed([delayed(_concat)([s[i] for s in split]) for i in range(n)])
 
     def _group_by_key(self, bag: Any) -> Any:
         import dask.bag as db

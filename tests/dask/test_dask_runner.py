@@ -157,3 +157,33 @@ def test_runner_arguments_are_rewritten_and_an_address_is_kept(cluster):
                              "--dask_npartitions=4"]) as args:
         assert args == [f"--runner={RUNNER_NAME}", "--dask_client_address", cluster.address,
                         "--dask_npartitions=4"]
+
+
+def test_beams_own_dask_runner_still_mixes_outputs_and_loses_sinks(client, cluster, data,
+                                                                   tmp_path):
+    """Why this project has its own runner; if this starts failing, Beam fixed it."""
+    options = PipelineOptions(["--runner=apache_beam.runners.dask.dask_runner.DaskRunner",
+                               f"--dask_client_address={cluster.address}"])
+    # The tagged output ("sevens", plain ids) reaches the main output's consumer, which
+    # expects rows.
+    result = _pipeline(options, data, str(tmp_path / "mixed"), read_all=True).run()
+    try:
+        with pytest.raises(TypeError, match="string indices"):
+            result.wait_until_finish()
+    finally:
+        result.client.close()
+    # Two sinks: only the one applied last is computed, and it writes an empty file: each
+    # read of the write's side inputs re-ran its initialisation (three temporary folders).
+    out = str(tmp_path / "sinks")
+    p = beam.Pipeline(options=options)
+    numbers = p | beam.Create([str(i) for i in range(10)])
+    _ = numbers | "First" >> beam.io.WriteToText(out + "/first")
+    _ = numbers | "Last" >> beam.io.WriteToText(out + "/last")
+    result = p.run()
+    try:
+        result.wait_until_finish()
+    finally:
+        result.client.close()
+    assert not glob.glob(os.path.join(out, "first-*"))
+    assert glob.glob(os.path.join(out, "last-*")) and _lines(out, "last") == []
+    assert len(glob.glob(os.path.join(out, "beam-temp-last-*"))) > 1
