@@ -269,6 +269,18 @@ def _second(item: tuple) -> Any:
 
 
 # --------------------------------------------------------------------------- client side
+def _check_batch(node: AppliedPTransform, pcoll: pvalue.PCollection) -> None:
+    """Refuses what bags of plain values cannot carry: unbounded input, other windows."""
+    if not pcoll.is_bounded:
+        raise NotImplementedError(
+            f"{RUNNER_NAME} runs bounded pipelines; {node.full_label} is unbounded.")
+    windowing = getattr(pcoll, "_windowing", None) or getattr(pcoll, "windowing", None)
+    if windowing is not None and not isinstance(windowing.windowfn, GlobalWindows):
+        raise NotImplementedError(
+            f"{RUNNER_NAME} runs globally windowed pipelines; {node.full_label} is windowed "
+            f"by {type(windowing.windowfn).__name__}.")
+
+
 class _Translator(PipelineVisitor):
     """Turns each primitive transform into a Dask bag, one bag per output PCollection."""
 
@@ -279,7 +291,6 @@ class _Translator(PipelineVisitor):
         self.bags: dict[pvalue.PCollection, Any] = {}
         self.metric_bags: list[Any] = []
         self.consumed: set[pvalue.PCollection] = set()
-        self.leaves: list[Any] = []
 
     # Beam calls this for every primitive, producers before consumers.
     def visit_transform(self, node: AppliedPTransform) -> None:
@@ -309,10 +320,11 @@ class _Translator(PipelineVisitor):
                 f"{RUNNER_NAME} cannot run primitive {type(transform).__name__} "
                 f"({node.full_label}); it runs bounded, globally windowed batch pipelines.")
         for tag, pcoll in node.outputs.items():
+            _check_batch(node, pcoll)
             self.bags[pcoll] = outputs[tag if tag in outputs else None]
 
     def leaf_bags(self) -> list[Any]:
-        """Bags nobody consumes (the sinks), plus the metric bags."""
+        """Bags of the PCollections nobody consumes: the sinks' ends."""
         return [bag for pcoll, bag in self.bags.items() if pcoll not in self.consumed]
 
     def _create(self, values: list) -> Any:
@@ -380,7 +392,8 @@ class _Translator(PipelineVisitor):
         tagged = bag.map_partitions(
             _run_bundle, self.run_id, node.full_label, transform.fn, list(args), dict(kwargs),
             side_specs, *side_values)
-        self.metric_bags.append(tagged.filter(functools.partial(_has_tag, _METRICS_TAG)).map(_second))
+        metrics = tagged.filter(functools.partial(_has_tag, _METRICS_TAG))
+        self.metric_bags.append(metrics.map(_second))
         outputs = {None: tagged.filter(functools.partial(_has_tag, None)).map(_second)}
         for tag in node.outputs:
             if tag is not None and tag != "None":
