@@ -81,7 +81,9 @@ def main() -> None:
 
     from fullgrad.beam.dask import DaskSettings, local_cluster
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    for name in ("distributed", "distributed.scheduler", "distributed.core", "distributed.nanny",
+                 "distributed.http.proxy", "distributed.worker"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     work = tempfile.mkdtemp(prefix="bench_dask_")
     data = os.path.join(work, "in")
