@@ -310,7 +310,7 @@ class FullGrad:
             for term in terms:
                 self._add_term(by_resolution, term, x.shape.rank)
             saliency = by_resolution.pop((height, width))
-            for size, partial in by_resolution.items():
+            for partial in by_resolution.values():
                 saliency += _resize_bilinear(partial, (height, width))
             maps.append(_minmax(saliency, axes=[1, 2]))
             sums = [tf.reduce_sum(input_term, axis=[1, 2, 3])]
@@ -332,8 +332,20 @@ class FullGrad:
         """Post-processes one spatial term and adds it to the sum at its resolution."""
         if term.shape.rank != input_rank:  # dense terms count for completeness, not the map
             return
+        # sum_c (|t| - lo) / (hi - lo + eps), computed without materialising the normalised
+        # term: three reductions over |t| and one small correction.
+        magnitude = tf.abs(term)
         axes = [1, 2] if self.normalize_channels else [1, 2, 3]
-        channels_summed = tf.reduce_sum(_minmax(tf.abs(term), axes=axes), axis=-1)
+        low = tf.reduce_min(magnitude, axis=axes, keepdims=True)
+        scale = 1.0 / (tf.reduce_max(magnitude, axis=axes, keepdims=True) - low + _EPS)
+        if self.normalize_channels:  # low, scale: [B, 1, 1, C]; a dead channel has a huge scale,
+            # so subtract before scaling to avoid cancellation
+            channels_summed = tf.reduce_sum((magnitude - low) * scale, axis=-1)
+        else:  # low, scale: [B, 1, 1, 1]
+            channels = term.shape[-1]
+            channels_summed = (tf.reduce_sum(magnitude, axis=-1) - channels * low[..., 0]) * (
+                scale[..., 0]
+            )
         size = (term.shape[1], term.shape[2])
         if size in by_resolution:
             by_resolution[size] = by_resolution[size] + channels_summed
