@@ -7,7 +7,9 @@ column never crashes the job: each of its rows becomes a dead letter naming the 
 
 - Parquet goes through Beam's ``fileio`` (globs over local paths, ``gs://``, ``s3://``) and
   pyarrow, one row group at a time in small record batches, so memory does not grow with the
-  file. Row groups are spread over workers by a reshuffle.
+  file. Row groups are spread over workers by a reshuffle. (Not ``ReadFromParquet``: asked for
+  a column that one file lacks, it fails the whole job; here that file's rows become dead
+  letters.)
 - TFRecord goes through ``ReadAllFromTFRecord``; each record is a ``tf.train.Example``.
 
 Written under ``--output``:

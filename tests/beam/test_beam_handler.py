@@ -99,3 +99,27 @@ def test_pixel_columns_read_as_arrays_from_tensor_and_nested_list_types():
     nested = _column_values(pa.array([pixels[0].tolist(), None]))
     np.testing.assert_array_equal(np.asarray(nested[0], np.float32), pixels[0])
     assert nested[1] is None
+
+
+def test_decode_rows_resolves_targets_and_keeps_the_contract():
+    from beamdata import CLASSES, good_rows
+
+    from fullgrad.beam.config import JobConfig
+    from fullgrad.beam.transforms import DecodeRows
+
+    row = {**good_rows(1)[0], "source": "x.parquet"}
+
+    def decode(target):
+        config = JobConfig(input="x.parquet", model="m.keras", output="o", image_size=SIZE,
+                           map_size=8, preprocess="tf", target=target, num_classes=CLASSES)
+        return list(DecodeRows(config).process(row))
+
+    (fixed,) = decode("3")
+    assert fixed["target"] == 3 and fixed["image"].shape == (SIZE, SIZE, 3)
+    assert -1.0 <= fixed["image"].min() and fixed["image"].max() <= 1.0  # the "tf" mode
+    assert fixed["thumbnail"].shape == (8, 8, 3) and fixed["thumbnail"].dtype == np.uint8
+    assert fixed["mask"].shape == (8, 8) and fixed["mask"].dtype == bool
+    assert decode("predicted")[0]["target"] == -1
+    assert decode("label")[0]["target"] == row["label"]
+    (dead,) = decode(str(CLASSES))
+    assert dead.tag == "dead" and dead.value["stage"] == "preprocess"
