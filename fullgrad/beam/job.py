@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import fnmatch
+import glob
 import json
 import logging
 import os
@@ -513,6 +514,26 @@ def job_metrics(result: Any) -> dict[str, Any]:
     return dict(sorted(metrics.items()))
 
 
+def _remove_orphaned_temp(output: str) -> None:
+    """Removes Beam temporary folders that a finished run left in ``output``.
+
+    Beam's file sinks delete their own temporary folder when they finalise. A task that
+    lost its worker (a killed Dask worker, a preempted VM) and was re-run had started
+    another one, which nobody finalises; its files are not outputs.
+    """
+    import shutil
+
+    from apache_beam.io.filesystems import FileSystems
+
+    pattern = FileSystems.join(output, "beam-temp-*")
+    files = FileSystems.match([FileSystems.join(pattern, "*")])[0].metadata_list
+    if files:
+        FileSystems.delete([m.path for m in files])
+    if "://" not in output:  # local folders outlive their files
+        for folder in glob.glob(pattern):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _engine_args(extra: Sequence[str], dask: DaskSettings | None) -> Iterator[list[str]]:
     """``extra`` as Beam takes it; for ``--runner dask``, with a cluster up meanwhile."""
@@ -585,6 +606,7 @@ def run(
                           "summary.json). Rerun with --overwrite.", config.output)
             raise
         wall = time.perf_counter() - start
+    _remove_orphaned_temp(config.output)
     counts_path = FileSystems.join(config.output, "counts.json")
     with FileSystems.open(counts_path) as handle:
         counts = json.loads(handle.read())
