@@ -131,6 +131,18 @@ class AuditSettings:
         if self.bins < 1 or self.examples < 0 or self.max_flagged_ids < 0:
             raise ValueError("bins must be >= 1, examples and max_flagged_ids >= 0")
 
+    @classmethod
+    def from_config(cls, config: Any) -> AuditSettings:
+        """The settings of a Beam job: its ``JobConfig.audit_options``, else the defaults.
+
+        Example:
+            >>> AuditSettings.from_config(JobConfig(..., audit_options={"examples": 4}))
+        """
+        options = dict(getattr(config, "audit_options", None) or {})
+        if options.get("class_names") is not None:
+            options["class_names"] = tuple(options["class_names"])
+        return cls(**options)
+
     @property
     def statistics_options(self) -> StatisticsOptions:
         """The per-image measuring options."""

@@ -354,7 +354,13 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
 
     from fullgrad.beam import io
 
-    explained, dead = outputs.explained, outputs.dead_letters
+    from fullgrad.audit.transforms import with_statistics
+
+    # Per-image audit statistics become columns of the maps (and are reused by the audit).
+    explained = outputs.explained | "Statistics" >> beam.Map(
+        with_statistics, _audit_settings(config)
+    )
+    dead = outputs.dead_letters
     _ = explained | "WriteMaps" >> io.WriteMaps(config)
     _ = dead | "WriteDeadLetters" >> io.WriteDeadLetters(config.output)
     if config.write_tfrecord:

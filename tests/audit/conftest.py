@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import tempfile
+
+import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.util import assert_that, equal_to
+
+from fullgrad.audit.transforms import AuditSettings, ComputeAudit
 
 SIZE = 24
 
@@ -54,3 +63,21 @@ def planted_records(count: int, off_class: int, where: str = "corner", seed: int
 @pytest.fixture(scope="session")
 def records() -> list:
     return planted_records(160, off_class=2)
+
+
+def run_audit(records: list, settings: AuditSettings) -> dict:
+    """ComputeAudit on Beam's in-process portable runner (offline); the audit comes back
+    through a pickle file, since the pipeline's functions run on pickled copies."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "audit.pickle")
+
+        def save(audit: dict) -> None:
+            with open(path, "wb") as handle:
+                pickle.dump(audit, handle)
+
+        with beam.Pipeline(runner=FnApiRunner()) as pipeline:
+            audits = pipeline | beam.Create(records, reshuffle=False) | ComputeAudit(settings)
+            assert_that(audits | beam.combiners.Count.Globally(), equal_to([1]))
+            _ = audits | beam.Map(save)
+        with open(path, "rb") as handle:
+            return pickle.load(handle)

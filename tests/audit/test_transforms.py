@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import math
-import os
-import pickle
-import tempfile
 
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.util import assert_that, equal_to
 
 from fullgrad.audit import stats
 from fullgrad.audit.transforms import (
     AuditCombineFn,
     AuditSettings,
     ClassStatisticsCombineFn,
-    ComputeAudit,
     ExtremesCombineFn,
     class_flags,
     finalise_audit,
     with_statistics,
 )
 
-from .conftest import planted_records
+from .conftest import planted_records, run_audit
 
 SETTINGS = AuditSettings(examples=5, max_flagged_ids=7)
 
@@ -108,24 +102,6 @@ def test_whole_audit_merges_like_single_pass(records):
     flagged = [r for r in enriched if r["flags"]]
     assert single["flagged_images_total"] == len(flagged)
     assert len(single["flagged_images"]) == SETTINGS.max_flagged_ids
-
-
-def run_audit(records: list, settings: AuditSettings) -> dict:
-    """ComputeAudit on Beam's in-process portable runner (offline); the audit comes back
-    through a pickle file, since the pipeline's functions run on pickled copies."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "audit.pickle")
-
-        def save(audit: dict) -> None:
-            with open(path, "wb") as handle:
-                pickle.dump(audit, handle)
-
-        with beam.Pipeline(runner=FnApiRunner()) as pipeline:
-            audits = pipeline | beam.Create(records, reshuffle=False) | ComputeAudit(settings)
-            assert_that(audits | beam.combiners.Count.Globally(), equal_to([1]))
-            _ = audits | beam.Map(save)
-        with open(path, "rb") as handle:
-            return pickle.load(handle)
 
 
 def test_compute_audit_flags_the_class_whose_maps_are_off_object(records):
