@@ -43,6 +43,7 @@ from fullgrad.beam.config import Columns, JobConfig
 from fullgrad.images import encode_png
 
 __all__ = [
+    "AUDIT_COLUMNS",
     "DEAD_LETTER_PREFIX",
     "DEAD_LETTER_SCHEMA",
     "MAPS_PREFIX",
@@ -53,7 +54,6 @@ __all__ = [
     "WriteOverlays",
     "dead_letter",
     "input_patterns",
-    "AUDIT_COLUMNS",
     "maps_schema",
     "read_maps",
     "safe_file_name",

@@ -352,9 +352,8 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
-    from fullgrad.beam import io
-
     from fullgrad.audit.transforms import with_statistics
+    from fullgrad.beam import io
 
     # Per-image audit statistics become columns of the maps (and are reused by the audit).
     explained = outputs.explained | "Statistics" >> beam.Map(

@@ -80,7 +80,7 @@ def run_demo(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     os.makedirs(output, exist_ok=True)
-    images, masks, labels, _ = data.make_images(
+    images, _, labels, _ = data.make_images(
         train_images, size, seed, shortcut_fraction=shortcut_fraction
     )
     held = data.make_images(explain_images, size, seed + 1, shortcut_fraction=shortcut_fraction)

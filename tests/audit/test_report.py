@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -25,7 +26,7 @@ def test_write_audit_json_and_html(tmp_path):
     audit = run_audit(records, settings)
     paths = write_audit(audit, str(tmp_path / "audit"))
 
-    text = open(paths["json"]).read()
+    text = Path(paths["json"]).read_text()
     assert "NaN" not in text
     data = json.loads(text)
     assert data["flagged_classes"] == ["1"]
@@ -40,7 +41,7 @@ def test_write_audit_json_and_html(tmp_path):
     assert data["flagged_images"] and all(r["target"] == 1 for r in data["flagged_images"])
     assert len(data["examples"]["least_on_object"]) == 4
 
-    page = open(paths["html"]).read()
+    page = Path(paths["html"]).read_text()
     assert "<i>img" not in page
     assert "&lt;i&gt;img" in page
     assert "src=\"http" not in page  # self-contained
@@ -58,6 +59,6 @@ def test_write_audit_json_and_html(tmp_path):
 def test_empty_audit_still_writes(tmp_path):
     audit = run_audit([], AuditSettings())
     paths = write_audit(audit, str(tmp_path))
-    data = json.loads(open(paths["json"]).read())
+    data = json.loads(Path(paths["json"]).read_text())
     assert data["images"] == 0 and data["flagged_classes"] == [] and data["classes"] == {}
-    assert "No class is flagged" in open(paths["html"]).read()
+    assert "No class is flagged" in Path(paths["html"]).read_text()
