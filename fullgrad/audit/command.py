@@ -13,44 +13,19 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
 
-from fullgrad.audit.transforms import AuditSettings
+from fullgrad.audit.settings import AuditSettings, add_settings_arguments, settings_from_args
 
 __all__ = [
     "ReadMapRecords",
     "add_arguments",
-    "add_settings_arguments",
     "main",
     "run_audit",
-    "settings_from_args",
 ]
-
-_TYPES = {"float": float, "int": int}
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser | Any) -> None:
-    """Adds one ``--flag`` per :class:`AuditSettings` field, with its default."""
-    defaults = AuditSettings()
-    for field in dataclasses.fields(AuditSettings):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name == "class_names":
-            parser.add_argument(flag, help="comma-separated display names, by class index")
-            continue
-        parser.add_argument(
-            flag, type=_TYPES[str(field.type)], default=getattr(defaults, field.name)
-        )
-
-
-def settings_from_args(args: argparse.Namespace) -> AuditSettings:
-    """The :class:`AuditSettings` of parsed flags (see :func:`add_settings_arguments`)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AuditSettings)}
-    names = values.pop("class_names")
-    return AuditSettings(**values, class_names=tuple(names.split(",")) if names else None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -139,6 +139,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="replace an earlier run's outputs (default: refuse)")
     out.add_argument("--progress-every", type=int, default=1000,
                      help="log a progress line every N images per worker (0: never)")
+    from fullgrad.audit.settings import add_settings_arguments
+
+    add_settings_arguments(
+        parser.add_argument_group("audit settings (per-image statistics; flags with --audit)"),
+        prefix="audit-",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -176,7 +182,15 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         progress_every=args.progress_every,
         model_copies=args.model_copies,
         large_model=args.large_model,
+        audit_options=_audit_options(args),
     )
+
+
+def _audit_options(args: argparse.Namespace) -> dict:
+    """The ``--audit-*`` flags as ``AuditSettings`` keywords (JSON-ready, for the summary)."""
+    from fullgrad.audit.settings import settings_from_args
+
+    return settings_from_args(args, prefix="audit-").as_dict()
 
 
 def main(args: argparse.Namespace, extra: Sequence[str]) -> int:

@@ -40,6 +40,7 @@ def test_demo_flags_the_shortcut_class_and_no_clean_class(demo_run):
     assert audit["flagged_classes"] == [str(planted)]
     classes = audit["classes"]
     clean = [info["mask_energy"] for name, info in classes.items() if name != str(planted)]
+    print("demo:", {t: round(c["mask_energy"], 3) for t, c in classes.items()})
     assert classes[str(planted)]["mask_energy"] < 0.6 * min(clean)
     assert classes[str(planted)]["border_energy"] > 2 * max(
         info["border_energy"] for name, info in classes.items() if name != str(planted)
@@ -58,9 +59,8 @@ def test_maps_carry_the_statistics_and_fullgrad_audit_reproduces_the_audit(demo_
     targets = np.array(table.column("target").to_pylist())
     job = demo_run["audit"]["classes"]
     for target, info in job.items():
-        assert np.mean(energies[targets == int(target)]) == np.float32(info["mask_energy"]) or (
-            abs(np.mean(energies[targets == int(target)]) - info["mask_energy"]) < 1e-6
-        )
+        stored = float(np.mean(energies[targets == int(target)]))
+        assert abs(stored - info["mask_energy"]) < 1e-6  # float32 columns, float64 audit
     assert cli_main(["audit", "--maps", demo_run["output"], "--output", str(tmp_path)]) == 0
     with open(tmp_path / "audit.json") as handle:
         again = json.load(handle)
@@ -80,10 +80,11 @@ def test_pointing_game_on_clean_classes_beats_random_maps(demo_model, held_out):
     )
     expected = np.mean([stats.dilate(k, 1).mean() for k in masks[clean]])  # chance level
     assert random_hits < expected + 0.1
-    assert hits > max(random_hits, expected) + 0.3, (hits, random_hits, expected)
+    print(f"pointing game: FullGrad {hits:.3f}, random maps {random_hits:.3f}, area {expected:.3f}")
+    assert hits > max(random_hits, expected) + 0.3
 
 
-def test_maps_fail_the_model_randomisation_check_gracefully(demo_model, held_out):
+def test_model_randomisation_changes_the_maps(demo_model, held_out):
     """Adebayo et al. 2018: a method whose maps survive re-initialising the weights explains
     the input, not the model. Here the trained and re-initialised maps must differ."""
     images, _, labels, _ = held_out
@@ -92,7 +93,8 @@ def test_maps_fail_the_model_randomisation_check_gracefully(demo_model, held_out
     fresh = demo_model_like(demo_model, seed=1234)
     randomised = fullgrad.FullGrad(fresh).explain(x, labels)
     rho = np.array([spearman(a, b) for a, b in zip(trained, randomised, strict=True)])
-    assert np.mean(np.abs(rho)) < 0.4, np.mean(rho)
+    print(f"Spearman trained vs re-initialised: mean {rho.mean():.3f}, max {rho.max():.3f}")
+    assert np.mean(np.abs(rho)) < 0.4
     assert spearman(trained[0], trained[0]) == 1.0
 
 
@@ -107,7 +109,9 @@ def test_control_model_without_the_shortcut_is_not_flagged(control):
     x = images.astype(np.float32)
     logits = model.predict(x, verbose=0)
     predicted = logits.argmax(axis=1)
-    assert (predicted == labels).mean() > 0.4  # it learned the shapes (chance: 0.25)
+    accuracy = (predicted == labels).mean()
+    print(f"control accuracy {accuracy:.3f}")
+    assert accuracy > 0.4  # it learned the shapes (chance: 0.25)
     maps = fullgrad.FullGrad(model).explain(x, predicted)
     settings = AuditSettings()
     combiner = AuditCombineFn(settings)
@@ -124,6 +128,7 @@ def test_control_model_without_the_shortcut_is_not_flagged(control):
         }
         accumulator = combiner.add_input(accumulator, with_statistics(record, settings))
     audit = finalise_audit(combiner.extract_output(accumulator), settings)
+    print("control:", {t: round(c["mask_energy"], 3) for t, c in audit["classes"].items()})
     assert audit["flagged_classes"] == []
     energies = [info["mask_energy"] for info in audit["classes"].values()]
     assert min(energies) > 0.7 * np.median(energies)
