@@ -156,6 +156,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         self._failures = Metrics.counter(METRICS_NAMESPACE, "failures_explain")
         self._latency = Metrics.distribution(METRICS_NAMESPACE, "batch_latency_ms")
         self._loads = Metrics.counter(METRICS_NAMESPACE, "model_loads")
+        self._unreported_loads = 0
 
     def load_model(self) -> LoadedExplainer:
         """Loads the model, exposes its biases and traces FullGrad: once per worker."""
@@ -164,7 +165,8 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         explainer = LoadedExplainer(
             self.model_path, self.image_size, top_k=self.top_k, safe_mode=self.safe_mode
         )
-        self._loads.inc()
+        # DoFn.setup (where RunInference loads) has no metrics context: counted at first use.
+        self._unreported_loads += 1
         _LOGGER.info(
             "fullgrad: loaded %s in %.1f s (pid %d)",
             self.model_path,
@@ -184,6 +186,9 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         A batch that fails as a whole is retried image by image, so one bad image costs only
         itself: it comes back with ``inference["error"]`` and its batch-mates with maps.
         """
+        if self._unreported_loads:
+            self._loads.inc(self._unreported_loads)
+            self._unreported_loads = 0
         start = time.perf_counter()
         try:
             outputs = [self._explain(batch, model)]

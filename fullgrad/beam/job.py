@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -260,6 +261,8 @@ def check_input(config: JobConfig) -> int:
 
     total = 0
     for pattern in input_patterns(config.input):
+        if os.path.isdir(pattern):
+            raise JobError(f"--input {pattern} is a folder; pass a glob such as {pattern}/*")
         try:
             found = len(FileSystems.match([pattern])[0].metadata_list)
         except Exception as error:
@@ -268,6 +271,16 @@ def check_input(config: JobConfig) -> int:
             raise JobError(f"--input {pattern} matches no file")
         total += found
     return total
+
+
+def _matching_paths(pattern: str) -> list[str]:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        matched = FileSystems.match([pattern])[0]
+    except Exception:  # noqa: BLE001 -- Beam raises when the folder does not exist yet
+        return []
+    return [m.path.rstrip("/") for m in matched.metadata_list]
 
 
 def prepare_output(config: JobConfig) -> None:
@@ -281,15 +294,21 @@ def prepare_output(config: JobConfig) -> None:
     """
     from apache_beam.io.filesystems import FileSystems
 
-    existing = []
+    existing = set()
     for pattern in OWNED_OUTPUTS:
-        matched = FileSystems.match([FileSystems.join(config.output, pattern)])[0]
-        existing += [m.path for m in matched.metadata_list]
-        folder = FileSystems.join(config.output, pattern)
-        if "*" not in pattern and os.path.isdir(folder):
-            existing.append(folder)
+        # Local globs match folders too; on object stores a "folder" is every object under it.
+        for candidate in (pattern, f"{pattern}/**"):
+            existing.update(_matching_paths(FileSystems.join(config.output, candidate)))
+    if os.path.isdir(config.output):
+        existing.update(
+            os.path.join(config.output, name)
+            for pattern in OWNED_OUTPUTS
+            for name in fnmatch.filter(os.listdir(config.output), pattern)
+        )
+    existing = sorted(existing)
     if not existing:
-        FileSystems.mkdirs(config.output) if not FileSystems.exists(config.output) else None
+        if not FileSystems.exists(config.output):
+            FileSystems.mkdirs(config.output)
         return
     if not config.overwrite:
         raise JobError(
@@ -298,7 +317,13 @@ def prepare_output(config: JobConfig) -> None:
             "pass --overwrite to replace them, or choose another folder"
         )
     _LOGGER.info("fullgrad: --overwrite: removing %d earlier outputs", len(existing))
-    FileSystems.delete(sorted(set(existing)))
+    # Folders first (their files go with them), then files that were not under one.
+    removed: list[str] = []
+    for path in existing:
+        if any(path.startswith(folder + "/") for folder in removed):
+            continue
+        FileSystems.delete([path])
+        removed.append(path)
 
 
 # -- the pipeline ----------------------------------------------------------------------------
@@ -451,6 +476,35 @@ def _audit_settings(config: JobConfig) -> Any:
     return factory()
 
 
+def job_metrics(result: Any) -> dict[str, Any]:
+    """The ``fullgrad`` namespace's metrics of a finished run, where the runner reports them.
+
+    Counters as numbers; distributions (batch latency, model load time) as count/sum/min/max.
+    Committed values where the runner has them, else attempted ones; ``{}`` if the runner
+    reports nothing. The counts of ``summary.json`` never rely on metrics.
+    """
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from fullgrad.beam.handler import METRICS_NAMESPACE
+
+    try:
+        queried = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    except Exception:  # noqa: BLE001 -- some runners do not implement metrics
+        return {}
+    metrics: dict[str, Any] = {}
+    for counter in queried.get("counters", []):
+        value = counter.committed if counter.committed is not None else counter.attempted
+        name = counter.key.metric.name
+        metrics[name] = metrics.get(name, 0) + int(value or 0)
+    for dist in queried.get("distributions", []):
+        value = dist.committed if dist.committed is not None else dist.attempted
+        if value is not None and value.count:
+            metrics[dist.key.metric.name] = {
+                "count": value.count, "sum": value.sum, "min": value.min, "max": value.max
+            }
+    return dict(sorted(metrics.items()))
+
+
 def run(config: JobConfig, extra: Sequence[str] = (), **option_overrides: Any) -> dict:
     """Checks, runs the pipeline to completion, writes and returns ``summary.json``.
 
@@ -484,8 +538,10 @@ def run(config: JobConfig, extra: Sequence[str] = (), **option_overrides: Any) -
     options = pipeline_options(extra, **option_overrides)
     start = time.perf_counter()
     _LOGGER.info("fullgrad: explaining %s (%d files) -> %s", config.input, files, config.output)
-    with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, config)
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, config)
+    result = pipeline.run()
+    result.wait_until_finish()
     wall = time.perf_counter() - start
     counts_path = FileSystems.join(config.output, "counts.json")
     with FileSystems.open(counts_path) as handle:
@@ -496,6 +552,7 @@ def run(config: JobConfig, extra: Sequence[str] = (), **option_overrides: Any) -
         "wall_time_s": round(wall, 3),
         "images_per_s": round(counts["explained"] / wall, 3) if wall > 0 else None,
         "files": files,
+        "metrics": job_metrics(result),
         "config": {k: v for k, v in dataclasses.asdict(config).items()},
     }
     if counts["input"] != counts["explained"] + counts["failed"]:

@@ -75,6 +75,12 @@ def test_parquet_maps_equal_the_engine_on_the_same_images(parquet_run, model_pat
     tmp, rows, summary = parquet_run
     assert (summary["input"], summary["explained"], summary["failed"]) == (12, 12, 0)
     assert summary["files"] == 2 and summary["images_per_s"] > 0
+    # One model load for the whole run (3 batches of 4), metrics under the job's namespace.
+    metrics = summary["metrics"]
+    assert metrics["model_loads"] == 1 and metrics["load_model_latency_milli_secs"]["count"] == 1
+    assert metrics["images_explained"] == metrics["num_inferences"] == 12
+    assert metrics["inference_request_batch_size"]["max"] == 4
+    assert metrics["batch_latency_ms"]["count"] == metrics["inference_request_batch_size"]["count"]
     maps, dead = read_output(str(tmp / "out"))
     assert dead.num_rows == 0
     assert maps.column("id").to_pylist() == [r["id"] for r in rows]
@@ -162,6 +168,9 @@ def test_multi_process_run_through_the_entry_script(parquet_run, model_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert (summary["input"], summary["explained"], summary["failed"]) == (12, 12, 0)
+    # Two worker processes, each loading the model once.
+    assert summary["metrics"]["load_model_latency_milli_secs"]["count"] == 2
+    assert summary["metrics"]["model_loads"] == 2
     multi, _ = read_output(str(output))
     single, _ = read_output(str(tmp / "out"))
     assert multi.schema.metadata[b"fullgrad.map_dtype"] == b"uint8"
@@ -368,3 +377,29 @@ def test_the_default_runner_is_pinned_and_flags_pass_through():
     settings = job.config_from_args(args)
     assert settings.resolved_format() == "tfrecord" and settings.target_index() == 3
     assert settings.columns().image == "image/encoded"
+
+
+def test_audit_without_the_audit_module_is_a_clear_error(tmp_path, model_path):
+    try:
+        import fullgrad.audit.transforms  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("fullgrad.audit is present: the audit's own tests cover --audit")
+    (tmp_path / "in").mkdir()
+    write_parquet(str(tmp_path / "in" / "a.parquet"), good_rows(1))
+    with pytest.raises(job.JobError, match="--audit needs fullgrad.audit"):
+        job.run(config(tmp_path, model_path, audit=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_shared_across_processes_gives_the_same_maps(parquet_run, model_path):
+    # model_copies=1: Beam hosts the model in one process (multi_process_shared) and the
+    # workers call it through a proxy, numpy in and out.
+    tmp, _, _ = parquet_run
+    summary = job.run(config(tmp, model_path, name="shared", model_copies=1, top_k=3))
+    assert summary["explained"] == 12
+    shared, _ = read_output(str(tmp / "shared"))
+    single, _ = read_output(str(tmp / "out"))
+    np.testing.assert_allclose(read_maps(shared), read_maps(single), atol=1e-5)
+    assert shared.column("topk_classes").to_pylist() == single.column("topk_classes").to_pylist()
