@@ -312,9 +312,11 @@ def render_html(audit: Mapping[str, Any]) -> str:
         ),
         f'<p class="{verdict_class}">{verdict}</p>',
         (
-            "<p>Mask energy: share of the saliency map's mass inside the object mask (compare with "
-            "the mask's area share: a uniform map scores that). Border energy: share in the outer "
-            f"band ({settings['border_fraction']:.0%} of the side). Pointing game: the map's maximum "
+            "<p>Mask energy: share of the saliency map's salient mass (the map above its "
+            f"{settings['floor_quantile']:.0%} quantile) inside the object mask; mask area: the "
+            "mask's share of the image. Border energy: share of the salient mass in the outer "
+            f"band ({settings['border_fraction']:.0%} of the side). Pointing game: the map's "
+            "maximum "
             "falls on the object. A class is flagged when its saliency lies off the object or on "
             "the border, against fixed thresholds and against the median of the other classes.</p>"
         ),

@@ -76,3 +76,32 @@ def test_fullgrad_audit_rereads_maps_and_flags_from_them(tmp_path):
 def test_fullgrad_audit_without_maps_fails_cleanly(tmp_path, capsys):
     assert cli_main(["audit", "--maps", str(tmp_path)]) == 2
     assert "no maps-*.parquet" in capsys.readouterr().out
+
+
+def test_fullgrad_run_audit_flags_reach_the_audit_settings():
+    import argparse
+
+    from fullgrad.audit.transforms import AuditSettings
+    from fullgrad.beam.job import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--input",
+            "a.parquet",
+            "--model",
+            "m.keras",
+            "--output",
+            "o",
+            "--audit",
+            "--audit-image-mask-energy-min",
+            "0.3",
+            "--audit-class-names",
+            "cat,dog",
+        ]
+    )
+    settings = AuditSettings.from_config(config_from_args(args))
+    assert settings.image_mask_energy_min == 0.3
+    assert settings.class_names == ("cat", "dog")
+    assert settings.border_fraction == AuditSettings().border_fraction

@@ -44,7 +44,7 @@ def test_write_audit_json_and_html(tmp_path):
     page = Path(paths["html"]).read_text()
     assert "<i>img" not in page
     assert "&lt;i&gt;img" in page
-    assert "src=\"http" not in page  # self-contained
+    assert 'src="http' not in page  # self-contained
     pictures = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     # mean maps + histograms + residuals + 4 galleries of up to 4 overlays
     assert len(pictures) >= 3 + 4 * 3
