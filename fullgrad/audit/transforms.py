@@ -21,7 +21,7 @@ shortcut is, only the maps, masks and targets):
 - image ``off_object``: ``mask_energy < image_mask_energy_min`` (default 0.25) -- less than a
   quarter of the map's salient mass on the object;
 - image ``on_border``: ``border_energy > image_border_energy_max`` (default 0.5) -- more than half
-  of the mass in the outer band (10% of the side wide by default, about a third of the area);
+  of the salient mass in the outer band (10% of the side wide by default, a third of the area);
 - class ``off_object``: its mean mask energy is below ``class_mask_energy_ratio`` (0.7) times the
   median of the other classes' means, or below ``image_mask_energy_min`` itself;
 - class ``on_border``: its mean border energy is above ``class_border_energy_ratio`` (2.0) times
