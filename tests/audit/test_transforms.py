@@ -176,3 +176,18 @@ def test_settings_are_validated():
         AuditSettings(image_mask_energy_min=1.5)
     with pytest.raises(ValueError, match="border_fraction"):
         AuditSettings(border_fraction=0.0)
+
+
+def test_accumulator_size_does_not_grow_with_the_data():
+    import pickle
+
+    settings = AuditSettings(examples=4, max_flagged_ids=10)
+    fn = AuditCombineFn(settings)
+    sizes = []
+    accumulator = fn.create_accumulator()
+    records = planted_records(600, off_class=1, seed=11)
+    for index, record in enumerate(records, start=1):
+        accumulator = fn.add_input(accumulator, with_statistics(record, settings))
+        if index in (200, 600):
+            sizes.append(len(pickle.dumps(fn.merge_accumulators([accumulator]))))
+    assert sizes[1] < 1.05 * sizes[0], sizes
