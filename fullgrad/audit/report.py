@@ -166,7 +166,9 @@ def _histograms_figure(audit: Mapping[str, Any]) -> str | None:
         if name in thresholds:
             axis.axvline(thresholds[name], color="black", linewidth=0.8)
         axis.set_title(label, fontsize=9)
-        axis.set_xlabel("share of the map's mass" if name != "concentration" else "share")
+        axis.set_xlabel(
+            "share of the salient mass" if name != "concentration" else "share of the mass"
+        )
         axis.set_ylabel("share of the class's images")
     figure.axes[0].legend(fontsize=7)
     figure.tight_layout()
