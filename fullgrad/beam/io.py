@@ -56,6 +56,8 @@ __all__ = [
     "input_patterns",
     "maps_schema",
     "read_maps",
+    "record_to_example",
+    "records_to_table",
     "safe_file_name",
 ]
 
@@ -346,7 +348,13 @@ def _statistic(value: Any) -> float | None:
 
 
 def records_to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
-    """Explained records -> a ``pa.Table`` of ``schema`` (from ``maps_schema``)."""
+    """Explained records -> a ``pa.Table`` of ``schema`` (from ``maps_schema``).
+
+    The map is cast to the schema's dtype, thumbnails and masks are PNG-encoded.
+
+    Example:
+        >>> table = records_to_table(records, maps_schema(56, "uint8"))
+    """
     map_type = schema.field("map").type
     dtype = schema.metadata[b"fullgrad.map_dtype"].decode()
     maps = _cast_maps(np.stack([r["map"] for r in records]), dtype)
@@ -469,6 +477,10 @@ def record_to_example(record: dict, map_dtype: str) -> bytes:
     Keys: ``id``, ``target``, ``logit``, ``label`` (when known), ``topk_classes``,
     ``topk_logits``, ``residual``, ``map`` (raw bytes of ``map_dtype``), ``map/shape``,
     ``map/dtype``, ``thumbnail`` (PNG), ``mask`` (PNG, when known).
+
+    Example:
+        >>> example = tf.train.Example.FromString(record_to_example(record, "float16"))
+        >>> np.frombuffer(example.features.feature["map"].bytes_list.value[0], np.float16)
     """
     from tensorflow.core.example import example_pb2, feature_pb2
 

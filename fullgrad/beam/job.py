@@ -42,8 +42,10 @@ __all__ = [
     "JobOutputs",
     "add_arguments",
     "build_pipeline",
+    "check_input",
     "check_model",
     "config_from_args",
+    "job_metrics",
     "main",
     "pipeline_options",
     "prepare_output",
@@ -220,6 +222,10 @@ def check_model(config: JobConfig) -> int:
         JobError: Missing, unloadable or unsafe file; not a single-output classifier; an input
             shape that does not take ``image_size x image_size`` RGB images; a ``--target``
             class out of range.
+
+    Example:
+        >>> check_model(JobConfig(input="x.parquet", model="model.keras", output="out"))
+        1000
     """
     import fullgrad
     from fullgrad.models import ModelLoadError
@@ -253,7 +259,11 @@ def check_input(config: JobConfig) -> int:
     """Counts the files the input globs match.
 
     Raises:
-        JobError: A glob matches no file.
+        JobError: A glob matches no file, or is a folder.
+
+    Example:
+        >>> check_input(JobConfig(input="data/*.parquet", model="m.keras", output="out"))
+        12
     """
     from apache_beam.io.filesystems import FileSystems
 
@@ -291,6 +301,9 @@ def prepare_output(config: JobConfig) -> None:
 
     Raises:
         JobError: Earlier outputs exist and ``overwrite`` is off.
+
+    Example:
+        >>> prepare_output(dataclasses.replace(config, overwrite=True))  # clears an earlier run
     """
     from apache_beam.io.filesystems import FileSystems
 
@@ -481,7 +494,13 @@ def job_metrics(result: Any) -> dict[str, Any]:
 
     Counters as numbers; distributions (batch latency, model load time) as count/sum/min/max.
     Committed values where the runner has them, else attempted ones; ``{}`` if the runner
-    reports nothing. The counts of ``summary.json`` never rely on metrics.
+    reports nothing. The counts of ``summary.json`` never rely on metrics. ``model_loads``
+    counts loads in worker processes; ``load_model_latency_milli_secs`` (RunInference's own)
+    counts every load, including a model shared from another process.
+
+    Example:
+        >>> job_metrics(pipeline.run())["images_explained"]
+        12
     """
     from apache_beam.metrics.metric import MetricsFilter
 

@@ -41,6 +41,9 @@ class DecodeRows(beam.DoFn):
     Decoding errors (empty/corrupt/unsupported bytes, a decompression bomb, a bad mask) are dead
     letters at stage ``decode``; preprocessing errors (NaN/inf pixels, a missing or out-of-range
     label for ``--target label``) at stage ``preprocess``.
+
+    Example Usage:
+        >>> decoded = rows | beam.ParDo(DecodeRows(config)).with_outputs("dead", main="requests")
     """
 
     def __init__(self, config: JobConfig) -> None:
@@ -58,6 +61,10 @@ class DecodeRows(beam.DoFn):
         try:
             if image is None:
                 raise ImageError("image is null")
+            if isinstance(image, str):
+                raise ImageError(
+                    "the image column holds text; expected PNG/JPEG bytes or a pixel array"
+                )
             if isinstance(image, bytes | bytearray | memoryview):
                 rgb = decode_image(image, self._size, self._max_pixels).astype(np.float32)
             else:
@@ -115,6 +122,9 @@ class ToRecords(beam.DoFn):
     ``residual``, ``map`` (float32 ``[h, w]`` in [0, 1] at the map size), ``mask`` (bool
     ``[h, w]`` or None) and ``thumbnail`` (uint8 ``[h, w, 3]``). A non-finite map or logit is a
     dead letter, never a row. Logs a progress line every ``progress_every`` images per worker.
+
+    Example Usage:
+        >>> records = results | beam.ParDo(ToRecords(config)).with_outputs("dead", main="explained")
     """
 
     def __init__(self, config: JobConfig) -> None:

@@ -72,3 +72,30 @@ def test_the_cli_dispatches_run_and_reports_a_bad_model(tmp_path, capsys):
                        "--runner", "DirectRunner"])
     assert status == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_runinference_batch_failures_become_one_dead_letter_per_image():
+    from fullgrad.beam.transforms import _batch_failures
+
+    batch = requests(2, [-1, -1])
+    failure = (batch, (MemoryError, "MemoryError('OOM')", ["traceback"]))
+    assert list(_batch_failures(failure)) == [
+        {"id": "r0", "stage": "explain", "error": "MemoryError: MemoryError('OOM')"},
+        {"id": "r1", "stage": "explain", "error": "MemoryError: MemoryError('OOM')"},
+    ]
+
+
+def test_pixel_columns_read_as_arrays_from_tensor_and_nested_list_types():
+    import pyarrow as pa
+
+    from fullgrad.beam.io import _column_values
+
+    pixels = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
+    pixels[1, 0, 0, 0] = np.nan
+    tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
+    values = _column_values(tensor)
+    np.testing.assert_array_equal(values[0], pixels[0])
+    assert values[0].shape == (4, 4, 3) and np.isnan(values[1][0, 0, 0])
+    nested = _column_values(pa.array([pixels[0].tolist(), None]))
+    np.testing.assert_array_equal(np.asarray(nested[0], np.float32), pixels[0])
+    assert nested[1] is None
