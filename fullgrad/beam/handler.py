@@ -153,7 +153,6 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         self.top_k = int(top_k)
         self.safe_mode = safe_mode
         self._explained = Metrics.counter(METRICS_NAMESPACE, "images_explained")
-        self._failures = Metrics.counter(METRICS_NAMESPACE, "failures_explain")
         self._latency = Metrics.distribution(METRICS_NAMESPACE, "batch_latency_ms")
         self._loads = Metrics.counter(METRICS_NAMESPACE, "model_loads")
         self._unreported_loads = 0
@@ -207,7 +206,6 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         for requests, output in zip(groups, outputs, strict=True):
             for index, request in enumerate(requests):
                 if "error" in output:
-                    self._failures.inc()
                     results.append(PredictionResult(request, {"error": output["error"]}))
                     continue
                 inference = {

@@ -382,12 +382,16 @@ def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> J
     import apache_beam as beam
 
     from fullgrad.beam import io
-    from fullgrad.beam.transforms import ExplainRows
+    from fullgrad.beam.transforms import ExplainRows, count_failure
 
     config.validate()
     rows, read_dead = pipeline | "Read" >> io.ReadRows(config)
     explained, explain_dead = rows | "Explain" >> ExplainRows(config)
-    dead = (read_dead, explain_dead) | "DeadLetters" >> beam.Flatten()
+    dead = (
+        (read_dead, explain_dead)
+        | "DeadLetters" >> beam.Flatten()
+        | "CountFailures" >> beam.Map(count_failure)
+    )
     count = beam.combiners.Count.Globally
     input_count = (
         (rows | "CountRows" >> count(), read_dead | "CountReadDead" >> count())

@@ -26,13 +26,22 @@ from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler
 from fullgrad.beam.io import dead_letter
 from fullgrad.images import ImageError, decode_image, decode_mask, pixels_to_rgb, preprocess
 
-__all__ = ["DecodeRows", "ExplainRows", "ToRecords", "handler_for"]
+__all__ = ["DecodeRows", "ExplainRows", "ToRecords", "count_failure", "handler_for"]
 
 _LOGGER = logging.getLogger(__name__)
 
 
-def _failure_counter(stage: str) -> Any:
-    return Metrics.counter(METRICS_NAMESPACE, f"failures_{stage}")
+def count_failure(dead: dict) -> dict:
+    """Counts a dead letter in the job's metrics (``failures``, ``failures_<stage>``).
+
+    Applied once to the flattened dead letters of every stage, so each failure counts once.
+
+    Example:
+        >>> dead = dead | beam.Map(count_failure)
+    """
+    Metrics.counter(METRICS_NAMESPACE, "failures").inc()
+    Metrics.counter(METRICS_NAMESPACE, f"failures_{dead['stage']}").inc()
+    return dead
 
 
 class DecodeRows(beam.DoFn):
@@ -73,7 +82,6 @@ class DecodeRows(beam.DoFn):
             if row.get("mask") is not None:
                 mask = decode_mask(row["mask"], self._map_size, self._max_pixels)
         except ImageError as error:
-            _failure_counter("decode").inc()
             yield beam.pvalue.TaggedOutput("dead", dead_letter(record_id, "decode", error))
             return
         try:
@@ -82,7 +90,6 @@ class DecodeRows(beam.DoFn):
             target = self._resolve_target(row.get("label"))
             x = preprocess(rgb, self._mode)
         except (ImageError, ValueError) as error:
-            _failure_counter("preprocess").inc()
             yield beam.pvalue.TaggedOutput("dead", dead_letter(record_id, "preprocess", error))
             return
         thumbnail = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
@@ -148,7 +155,6 @@ class ToRecords(beam.DoFn):
         saliency = np.asarray(inference["map"], np.float32)
         scalars = [inference["logit"], inference["residual"]]
         if not (np.all(np.isfinite(saliency)) and np.all(np.isfinite(scalars))):
-            _failure_counter("explain").inc()
             yield beam.pvalue.TaggedOutput(
                 "dead",
                 dead_letter(request["id"], "explain", "the map or logit is NaN/inf"),
@@ -186,7 +192,6 @@ def _batch_failures(failure: tuple[Any, tuple]) -> Iterator[dict]:
     batch, (error_type, error_repr, _) = failure
     name = getattr(error_type, "__name__", str(error_type))
     for request in batch:
-        _failure_counter("explain").inc()
         yield dead_letter(request["id"], "explain", f"{name}: {error_repr}")
 
 

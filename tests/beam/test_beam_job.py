@@ -234,6 +234,11 @@ def test_bad_inputs_become_dead_letters_and_the_run_continues(tmp_path, model_pa
         assert text in failures[record_id][1], (record_id, failures[record_id])
     assert summary["input"] == 18 == summary["explained"] + summary["failed"]
     assert summary["failed_by_stage"] == {"decode": 7, "explain": 1, "preprocess": 1, "read": 4}
+    metrics = summary["metrics"]
+    assert metrics["failures"] == 13 and metrics["images_explained"] == 5
+    assert {k: v for k, v in metrics.items() if k.startswith("failures_")} == {
+        "failures_decode": 7, "failures_explain": 1, "failures_preprocess": 1, "failures_read": 4
+    }
     # The id "../../x" stays data: its overlay is inside overlays/, under a sanitised name.
     overlays = tmp_path / "out" / "overlays"
     assert (overlays / safe_file_name("../../x")).is_file()
