@@ -1,0 +1,486 @@
+"""``fullgrad run``: the Beam job that writes a FullGrad map for every image of a dataset.
+
+``read -> decode/preprocess -> RunInference(FullGrad) -> maps`` plus dead letters, overlays,
+an optional TFRecord copy and the optional audit. Before any data is read the job checks the
+model (it exists, loads in safe_mode, takes ``--image-size`` RGB images, is a classifier), that
+the input glob matches files, and the output folder: a folder holding an earlier run's outputs
+is refused unless ``--overwrite``, which deletes those outputs first, so two runs never mix.
+``summary.json`` is written last, after the pipeline finished, with ``input == explained +
+failed``.
+
+Other entry points build the same pipeline: ``build_pipeline(pipeline, config)`` adds every
+stage to a ``beam.Pipeline`` and returns the collections; ``pipeline_options(extra)`` turns
+Beam flags into ``PipelineOptions`` with the offline runner pinned; ``run(config, extra)``
+does all of it and returns the summary.
+
+Example:
+    $ fullgrad run --input 'data/*.parquet' --model model.keras --output out \\
+        --image-size 224 --preprocess torch --batch-size 32
+    >>> summary = run(JobConfig(input="data/*.parquet", model="m.keras", output="out"))
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fullgrad.beam.config import FORMATS, MAP_DTYPES, JobConfig
+from fullgrad.images import DEFAULT_MAX_PIXELS, PREPROCESS_MODES
+
+__all__ = [
+    "DEFAULT_RUNNER",
+    "OWNED_OUTPUTS",
+    "JobError",
+    "JobOutputs",
+    "add_arguments",
+    "build_pipeline",
+    "check_model",
+    "config_from_args",
+    "main",
+    "pipeline_options",
+    "prepare_output",
+    "run",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+#: The local runner used when no ``--runner`` is given: Beam's FnApiRunner, in-process (or
+#: ``--direct_running_mode multi_processing``). Beam 2.77's ``DirectRunner`` first tries the
+#: Prism runner, which downloads a Go binary from GitHub: that fails (slowly) offline.
+DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.fn_runner.FnApiRunner"
+
+#: Glob patterns of what a run writes in ``--output``: what ``--overwrite`` removes and what
+#: makes a rerun refuse. The audit's files are included so a rerun never keeps a stale report.
+OWNED_OUTPUTS = (
+    "maps-*",
+    "dead_letter-*",
+    "summary.json",
+    "counts.json",
+    "overlays",
+    "audit*",
+    "beam-temp-*",
+)
+
+
+class JobError(RuntimeError):
+    """A problem found before the pipeline ran (model, input, output); the message says what."""
+
+
+@dataclasses.dataclass
+class JobOutputs:
+    """The collections ``build_pipeline`` adds, for callers that attach more stages.
+
+    Attributes:
+        rows: Every readable input row (before decoding).
+        explained: Explained records (the shared contract; see ``ExplainRows``).
+        dead_letters: ``{"id", "stage", "error"}`` from every stage.
+        input_count: A singleton: rows read plus read dead letters.
+    """
+
+    rows: Any
+    explained: Any
+    dead_letters: Any
+    input_count: Any
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fullgrad run``; unknown flags go to Beam's ``PipelineOptions``."""
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.epilog = (
+        "Any other flag goes to Beam's PipelineOptions, e.g. --runner DataflowRunner "
+        "--project P --region R --temp_location gs://b/tmp, or --direct_num_workers 2 "
+        "--direct_running_mode multi_processing locally."
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--input", required=True, help="file glob(s), comma-separated; gs:// s3://")
+    data.add_argument("--format", choices=FORMATS, help="default: from the input's extension")
+    data.add_argument("--id-column", help="id column / Example key (default id | image/id)")
+    data.add_argument(
+        "--image-column", help="encoded image column / key (default image | image/encoded)"
+    )
+    data.add_argument(
+        "--label-column", help="label column / key (default label | image/class/label)"
+    )
+    data.add_argument("--mask-column", help="object-mask PNG column / key (default mask | image/mask)")
+    data.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                      help="largest decoded image (decompression-bomb guard)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, help=".keras/.h5 file or gs:// s3:// URI")
+    model.add_argument("--image-size", type=int, default=224)
+    model.add_argument("--preprocess", choices=PREPROCESS_MODES, default="none")
+    model.add_argument("--batch-size", type=int, default=32, help="the model's largest batch")
+    model.add_argument("--min-batch-size", type=int, help="default: --batch-size")
+    model.add_argument("--target", default="predicted", help="predicted | label | class index")
+    model.add_argument("--top-k", type=int, default=5)
+    model.add_argument("--model-copies", type=int,
+                       help="share this many model copies across a machine's processes (GPU)")
+    model.add_argument("--large-model", action="store_true",
+                       help="share one model across a machine's processes")
+    model.add_argument("--unsafe-model", action="store_true",
+                       help="load with Keras safe_mode off (only for files you trust)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", required=True, help="output folder (local, gs://, s3://)")
+    out.add_argument("--map-size", type=int, help="side of stored maps (default: --image-size)")
+    out.add_argument("--map-dtype", choices=MAP_DTYPES, default="float16")
+    out.add_argument("--overlays", type=int, default=0, help="PNG overlays of N images")
+    out.add_argument("--write-tfrecord", action="store_true", help="also write maps-*.tfrecord")
+    out.add_argument("--audit", action="store_true", help="run the attribution audit too")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier run's outputs (default: refuse)")
+    out.add_argument("--progress-every", type=int, default=1000,
+                     help="log a progress line every N images per worker (0: never)")
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    """The ``JobConfig`` of parsed ``fullgrad run`` flags.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> config_from_args(parser.parse_args(["--input", "a.parquet", "--model", "m.keras",
+        ...                                      "--output", "o"])).image_size
+        224
+    """
+    return JobConfig(
+        input=args.input,
+        model=args.model,
+        output=args.output,
+        image_size=args.image_size,
+        preprocess=args.preprocess,
+        batch_size=args.batch_size,
+        min_batch_size=args.min_batch_size,
+        format=args.format,
+        target=args.target,
+        top_k=args.top_k,
+        map_size=args.map_size,
+        map_dtype=args.map_dtype,
+        overlays=args.overlays,
+        write_tfrecord=args.write_tfrecord,
+        audit=args.audit,
+        overwrite=args.overwrite,
+        max_pixels=args.max_pixels,
+        id_column=args.id_column,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        mask_column=args.mask_column,
+        safe_mode=not args.unsafe_model,
+        progress_every=args.progress_every,
+        model_copies=args.model_copies,
+        large_model=args.large_model,
+    )
+
+
+def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """Runs ``fullgrad run``; returns 0, or 2 with a one-line error for a bad setup."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("apache_beam", "absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        config = config_from_args(args)
+        summary = run(config, extra)
+    except (JobError, ValueError, FileNotFoundError) as error:
+        print(f"fullgrad run: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+# -- checks before reading -------------------------------------------------------------------
+
+
+def check_model(config: JobConfig) -> int:
+    """Loads the model once and checks it fits the job; returns its number of classes.
+
+    Raises:
+        JobError: Missing, unloadable or unsafe file; not a single-output classifier; an input
+            shape that does not take ``image_size x image_size`` RGB images; a ``--target``
+            class out of range.
+    """
+    import fullgrad
+    from fullgrad.models import ModelLoadError
+
+    try:
+        model = fullgrad.load_model(config.model, safe_mode=config.safe_mode)
+    except FileNotFoundError as error:
+        raise JobError(f"--model: {error}") from error
+    except ModelLoadError as error:
+        raise JobError(f"--model: {error}") from error
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise JobError(f"--model {config.model}: expected one input and one output")
+    shape = tuple(model.inputs[0].shape)
+    wanted = (config.image_size, config.image_size, 3)
+    if len(shape) != 4 or any(s is not None and s != w for s, w in zip(shape[1:], wanted)):
+        raise JobError(
+            f"--model {config.model} takes inputs of shape {shape[1:]}, but the job feeds "
+            f"{wanted} (--image-size {config.image_size}, RGB); set --image-size to match"
+        )
+    output = tuple(model.outputs[0].shape)
+    if len(output) != 2 or not output[1]:
+        raise JobError(f"--model {config.model}: expected a classifier [batch, classes], got {output}")
+    classes = int(output[1])
+    index = config.target_index()
+    if index is not None and index >= classes:
+        raise JobError(f"--target {index} is out of range for a model with {classes} classes")
+    return classes
+
+
+def check_input(config: JobConfig) -> int:
+    """Counts the files the input globs match.
+
+    Raises:
+        JobError: A glob matches no file.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    from fullgrad.beam.io import input_patterns
+
+    total = 0
+    for pattern in input_patterns(config.input):
+        try:
+            found = len(FileSystems.match([pattern])[0].metadata_list)
+        except Exception as error:
+            raise JobError(f"--input {pattern}: {error}") from error
+        if not found:
+            raise JobError(f"--input {pattern} matches no file")
+        total += found
+    return total
+
+
+def prepare_output(config: JobConfig) -> None:
+    """Refuses an output folder holding an earlier run's outputs, or clears them (--overwrite).
+
+    Only the job's own outputs (``OWNED_OUTPUTS``) are looked at and removed; other files in the
+    folder are left alone.
+
+    Raises:
+        JobError: Earlier outputs exist and ``overwrite`` is off.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    existing = []
+    for pattern in OWNED_OUTPUTS:
+        matched = FileSystems.match([FileSystems.join(config.output, pattern)])[0]
+        existing += [m.path for m in matched.metadata_list]
+        folder = FileSystems.join(config.output, pattern)
+        if "*" not in pattern and os.path.isdir(folder):
+            existing.append(folder)
+    if not existing:
+        FileSystems.mkdirs(config.output) if not FileSystems.exists(config.output) else None
+        return
+    if not config.overwrite:
+        raise JobError(
+            f"--output {config.output} already holds a run's outputs "
+            f"({', '.join(sorted(os.path.basename(p.rstrip('/')) for p in existing)[:5])}...); "
+            "pass --overwrite to replace them, or choose another folder"
+        )
+    _LOGGER.info("fullgrad: --overwrite: removing %d earlier outputs", len(existing))
+    FileSystems.delete(sorted(set(existing)))
+
+
+# -- the pipeline ----------------------------------------------------------------------------
+
+
+def pipeline_options(extra: Sequence[str] = (), **overrides: Any):
+    """Beam ``PipelineOptions`` from pass-through flags, with the offline runner pinned.
+
+    Without ``--runner`` the job runs on ``DEFAULT_RUNNER`` (no download, no network); every
+    other flag is Beam's own. Keyword ``overrides`` win over the flags.
+
+    Example:
+        >>> pipeline_options(["--direct_num_workers", "2",
+        ...                   "--direct_running_mode", "multi_processing"])
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    options = PipelineOptions(list(extra), **overrides)
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    return options
+
+
+def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> JobOutputs:
+    """Adds the job's stages to ``pipeline``: read, explain, and (``write``) every output.
+
+    ``config.num_classes`` should be set (``check_model``) so labels are range-checked early;
+    the outputs written are maps and dead-letter Parquet, ``counts.json`` (used for
+    ``summary.json``), and, as configured, TFRecords, overlays and the audit.
+
+    Args:
+        pipeline: A ``beam.Pipeline``.
+        config: The job's settings.
+        write: Add the writers; False gives the collections only (for tests and other jobs).
+
+    Returns:
+        A ``JobOutputs`` with the rows, explained records, dead letters and the input count.
+
+    Example:
+        >>> with beam.Pipeline(options=pipeline_options()) as p:
+        ...     outputs = build_pipeline(p, config)
+    """
+    import apache_beam as beam
+
+    from fullgrad.beam import io
+    from fullgrad.beam.transforms import ExplainRows
+
+    config.validate()
+    rows, read_dead = pipeline | "Read" >> io.ReadRows(config)
+    explained, explain_dead = rows | "Explain" >> ExplainRows(config)
+    dead = (read_dead, explain_dead) | "DeadLetters" >> beam.Flatten()
+    count = beam.combiners.Count.Globally
+    input_count = (
+        (rows | "CountRows" >> count(), read_dead | "CountReadDead" >> count())
+        | "Inputs" >> beam.Flatten()
+        | "SumInputs" >> beam.CombineGlobally(sum)
+    )
+    outputs = JobOutputs(rows, explained, dead, input_count)
+    if write:
+        _add_writers(pipeline, config, outputs)
+    return outputs
+
+
+def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+
+    from fullgrad.beam import io
+
+    explained, dead = outputs.explained, outputs.dead_letters
+    _ = explained | "WriteMaps" >> io.WriteMaps(config)
+    _ = dead | "WriteDeadLetters" >> io.WriteDeadLetters(config.output)
+    if config.write_tfrecord:
+        _ = explained | "WriteTFRecord" >> io.WriteMapsTFRecord(config)
+    if config.overlays:
+        _ = explained | "WriteOverlays" >> io.WriteOverlays(config.output, config.overlays)
+    if config.audit:
+        _add_audit(config, explained)
+
+    count = beam.combiners.Count.Globally
+    explained_count = explained | "CountExplained" >> count()
+    failed_count = dead | "CountFailed" >> count()
+    by_stage = (
+        dead
+        | "Stages" >> beam.Map(lambda d: d["stage"])
+        | "CountStages" >> beam.combiners.Count.PerElement()
+        | "StageDict" >> beam.combiners.ToDict()
+    )
+    path = FileSystems.join(config.output, "counts.json")
+
+    def write_counts(_: Any, inputs: int, explained_n: int, failed_n: int, stages: dict) -> None:
+        counts = {"input": inputs, "explained": explained_n, "failed": failed_n,
+                  "failed_by_stage": dict(sorted(stages.items()))}
+        with FileSystems.create(path) as handle:
+            handle.write(json.dumps(counts).encode())
+
+    side = beam.pvalue.AsSingleton
+    _ = (
+        pipeline
+        | "CountsTrigger" >> beam.Create([None])
+        | "WriteCounts"
+        >> beam.Map(
+            write_counts,
+            side(outputs.input_count),
+            side(explained_count),
+            side(failed_count),
+            side(by_stage),
+        )
+    )
+
+
+def _add_audit(config: JobConfig, explained: Any) -> None:
+    """The ``--audit`` branch: ``ComputeAudit`` over the explained records, then ``write_audit``.
+
+    The audit lives in ``fullgrad.audit`` (its own branch of work); it is imported here, lazily,
+    so the job runs without it when ``--audit`` is off.
+    """
+    import apache_beam as beam
+
+    try:
+        from fullgrad.audit.report import write_audit
+        from fullgrad.audit.transforms import ComputeAudit
+    except ImportError as error:
+        raise JobError(
+            f"--audit needs fullgrad.audit (ComputeAudit, write_audit), not available: {error}"
+        ) from error
+    settings = _audit_settings(config)
+    output = config.output
+    _ = (
+        explained
+        | "Audit" >> ComputeAudit(settings)
+        | "WriteAudit" >> beam.Map(lambda audit: write_audit(audit, output))
+    )
+
+
+def _audit_settings(config: JobConfig) -> Any:
+    """The audit's settings for this job; the audit module defines what they hold."""
+    from fullgrad.audit import transforms
+
+    factory = getattr(transforms, "AuditSettings", None)
+    if factory is None:
+        return None
+    if hasattr(factory, "from_config"):
+        return factory.from_config(config)
+    return factory()
+
+
+def run(config: JobConfig, extra: Sequence[str] = (), **option_overrides: Any) -> dict:
+    """Checks, runs the pipeline to completion, writes and returns ``summary.json``.
+
+    Args:
+        config: The job's settings.
+        extra: Beam pipeline flags (``--runner``, ``--direct_num_workers`` ...).
+        option_overrides: ``PipelineOptions`` keywords that win over ``extra``.
+
+    Returns:
+        The summary: ``input``, ``explained``, ``failed``, ``failed_by_stage``,
+        ``wall_time_s``, ``images_per_s`` and the settings used.
+
+    Raises:
+        JobError: A bad model, input or output folder, found before any data is read.
+
+    Example:
+        >>> run(JobConfig(input="data/*.parquet", model="m.keras", output="out"))["explained"]
+    """
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+
+    config.validate()
+    config.num_classes = check_model(config)
+    files = check_input(config)
+    if config.audit:
+        try:
+            import fullgrad.audit.transforms  # noqa: F401
+        except ImportError as error:
+            raise JobError(f"--audit needs fullgrad.audit, not available: {error}") from error
+    prepare_output(config)
+    options = pipeline_options(extra, **option_overrides)
+    start = time.perf_counter()
+    _LOGGER.info("fullgrad: explaining %s (%d files) -> %s", config.input, files, config.output)
+    with beam.Pipeline(options=options) as pipeline:
+        build_pipeline(pipeline, config)
+    wall = time.perf_counter() - start
+    counts_path = FileSystems.join(config.output, "counts.json")
+    with FileSystems.open(counts_path) as handle:
+        counts = json.loads(handle.read())
+    FileSystems.delete([counts_path])
+    summary = {
+        **counts,
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(counts["explained"] / wall, 3) if wall > 0 else None,
+        "files": files,
+        "config": {k: v for k, v in dataclasses.asdict(config).items()},
+    }
+    if counts["input"] != counts["explained"] + counts["failed"]:
+        _LOGGER.error("fullgrad: counts do not add up: %s", counts)
+    with FileSystems.create(FileSystems.join(config.output, "summary.json")) as handle:
+        handle.write(json.dumps(summary, indent=1).encode())
+    return summary

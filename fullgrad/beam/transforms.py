@@ -1,0 +1,226 @@
+"""The explain stages of the Beam job: decode/preprocess, RunInference(FullGrad), records.
+
+``rows -> DecodeRows -> RunInference(FullGradModelHandler) -> ToRecords -> explained records``,
+with a dead letter (``fullgrad.beam.io.dead_letter``) out of every stage that can fail. The
+explained records follow the shared contract (see ``ToRecords``).
+
+Example:
+    >>> explained, dead = rows | ExplainRows(config)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import PredictionResult, RunInference
+
+from fullgrad.beam.config import TARGET_PREDICTED, JobConfig
+from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler
+from fullgrad.beam.io import dead_letter
+from fullgrad.images import ImageError, decode_image, decode_mask, pixels_to_rgb, preprocess
+
+__all__ = ["DecodeRows", "ExplainRows", "ToRecords", "handler_for"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _failure_counter(stage: str) -> Any:
+    return Metrics.counter(METRICS_NAMESPACE, f"failures_{stage}")
+
+
+class DecodeRows(beam.DoFn):
+    """Row -> explain request (``image``, ``target``, ``thumbnail``, ``mask``, ``id``, ``label``).
+
+    Decoding errors (empty/corrupt/unsupported bytes, a decompression bomb, a bad mask) are dead
+    letters at stage ``decode``; preprocessing errors (NaN/inf pixels, a missing or out-of-range
+    label for ``--target label``) at stage ``preprocess``.
+    """
+
+    def __init__(self, config: JobConfig) -> None:
+        self._size = (config.image_size, config.image_size)
+        self._map_size = (config.resolved_map_size(),) * 2
+        self._mode = config.preprocess
+        self._max_pixels = config.max_pixels
+        self._target = config.target
+        self._target_index = config.target_index()
+        self._num_classes = config.num_classes
+
+    def process(self, row: dict) -> Iterator[Any]:
+        record_id = row["id"]
+        image = row["image"]
+        try:
+            if image is None:
+                raise ImageError("image is null")
+            if isinstance(image, bytes | bytearray | memoryview):
+                rgb = decode_image(image, self._size, self._max_pixels).astype(np.float32)
+            else:
+                rgb = None  # a pixel array: checked (NaN) at the preprocess stage
+            mask = None
+            if row.get("mask") is not None:
+                mask = decode_mask(row["mask"], self._map_size, self._max_pixels)
+        except ImageError as error:
+            _failure_counter("decode").inc()
+            yield beam.pvalue.TaggedOutput("dead", dead_letter(record_id, "decode", error))
+            return
+        try:
+            if rgb is None:
+                rgb = pixels_to_rgb(image, self._size)
+            target = self._resolve_target(row.get("label"))
+            x = preprocess(rgb, self._mode)
+        except (ImageError, ValueError) as error:
+            _failure_counter("preprocess").inc()
+            yield beam.pvalue.TaggedOutput("dead", dead_letter(record_id, "preprocess", error))
+            return
+        thumbnail = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+        if thumbnail.shape[:2] != self._map_size:
+            from PIL import Image
+
+            thumbnail = np.asarray(
+                Image.fromarray(thumbnail).resize(self._map_size[::-1], Image.BILINEAR)
+            )
+        yield {
+            "id": record_id,
+            "image": x,
+            "target": target,
+            "label": row.get("label"),
+            "mask": mask,
+            "thumbnail": thumbnail,
+        }
+
+    def _resolve_target(self, label: int | None) -> int:
+        if self._target == "predicted":
+            return TARGET_PREDICTED
+        if self._target == "label":
+            if label is None:
+                raise ValueError("--target label, but this record has no label")
+            target = int(label)
+        else:
+            target = int(self._target_index)
+        if target < 0 or (self._num_classes is not None and target >= self._num_classes):
+            raise ValueError(f"target class {target} is outside the model's {self._num_classes}")
+        return target
+
+
+class ToRecords(beam.DoFn):
+    """``PredictionResult`` -> explained record, or a dead letter at stage ``explain``.
+
+    The record: ``id``, ``target``, ``logit``, ``label``, ``topk_classes``, ``topk_logits``,
+    ``residual``, ``map`` (float32 ``[h, w]`` in [0, 1] at the map size), ``mask`` (bool
+    ``[h, w]`` or None) and ``thumbnail`` (uint8 ``[h, w, 3]``). A non-finite map or logit is a
+    dead letter, never a row. Logs a progress line every ``progress_every`` images per worker.
+    """
+
+    def __init__(self, config: JobConfig) -> None:
+        self._map_size = (config.resolved_map_size(),) * 2
+        self._progress_every = int(config.progress_every)
+
+    def setup(self) -> None:
+        self._count = 0
+        self._start = time.perf_counter()
+        self._explained = Metrics.counter(METRICS_NAMESPACE, "images_explained")
+
+    def process(self, result: PredictionResult) -> Iterator[Any]:
+        from fullgrad.images import resize_map
+
+        request, inference = result.example, result.inference
+        if "error" in inference:
+            yield beam.pvalue.TaggedOutput(
+                "dead", dead_letter(request["id"], "explain", inference["error"])
+            )
+            return
+        saliency = np.asarray(inference["map"], np.float32)
+        scalars = [inference["logit"], inference["residual"]]
+        if not (np.all(np.isfinite(saliency)) and np.all(np.isfinite(scalars))):
+            _failure_counter("explain").inc()
+            yield beam.pvalue.TaggedOutput(
+                "dead",
+                dead_letter(request["id"], "explain", "the map or logit is NaN/inf"),
+            )
+            return
+        self._explained.inc()
+        self._progress()
+        yield {
+            "id": request["id"],
+            "target": int(inference["target"]),
+            "logit": float(inference["logit"]),
+            "label": request.get("label"),
+            "topk_classes": [int(c) for c in inference["topk_classes"]],
+            "topk_logits": [float(v) for v in inference["topk_logits"]],
+            "residual": float(inference["residual"]),
+            "map": resize_map(saliency, self._map_size),
+            "mask": request.get("mask"),
+            "thumbnail": request["thumbnail"],
+        }
+
+    def _progress(self) -> None:
+        self._count += 1
+        if self._progress_every and self._count % self._progress_every == 0:
+            elapsed = time.perf_counter() - self._start
+            _LOGGER.warning(
+                "fullgrad: %d images explained by this worker (pid %d), %.1f images/s",
+                self._count,
+                os.getpid(),
+                self._count / max(elapsed, 1e-9),
+            )
+
+
+def _batch_failures(failure: tuple[Any, tuple]) -> Iterator[dict]:
+    """RunInference's dead letter ``(batch, (type, repr, traceback))`` -> one per image."""
+    batch, (error_type, error_repr, _) = failure
+    name = getattr(error_type, "__name__", str(error_type))
+    for request in batch:
+        _failure_counter("explain").inc()
+        yield dead_letter(request["id"], "explain", f"{name}: {error_repr}")
+
+
+def handler_for(config: JobConfig) -> FullGradModelHandler:
+    """The ``FullGradModelHandler`` that ``config`` describes.
+
+    Example:
+        >>> handler_for(JobConfig(input="x.parquet", model="m.keras", output="o")).image_size
+        224
+    """
+    return FullGradModelHandler(
+        config.model,
+        config.image_size,
+        top_k=config.top_k,
+        safe_mode=config.safe_mode,
+        min_batch_size=config.min_batch_size or config.batch_size,
+        max_batch_size=config.batch_size,
+        model_copies=config.model_copies,
+        large_model=config.large_model,
+    )
+
+
+class ExplainRows(beam.PTransform):
+    """Rows -> ``(explained records, dead letters)``: decode, RunInference(FullGrad), records.
+
+    Example Usage:
+        >>> explained, dead = rows | ExplainRows(config)
+    """
+
+    def __init__(self, config: JobConfig) -> None:
+        super().__init__()
+        self._config = config
+
+    def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        decoded = rows | "Decode" >> beam.ParDo(DecodeRows(self._config)).with_outputs(
+            "dead", main="requests"
+        )
+        results, failed = (
+            decoded.requests
+            | "FullGrad" >> RunInference(handler_for(self._config)).with_exception_handling()
+        )
+        records = results | "Records" >> beam.ParDo(ToRecords(self._config)).with_outputs(
+            "dead", main="explained"
+        )
+        batch_dead = failed.failed_inferences | "BatchFailures" >> beam.FlatMap(_batch_failures)
+        dead = (decoded.dead, records.dead, batch_dead) | "ExplainDead" >> beam.Flatten()
+        return records.explained, dead
