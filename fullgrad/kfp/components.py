@@ -60,7 +60,7 @@ def explain(
     dead_letters: Output[Dataset],
     counts: Output[Metrics],
     image_size: int = 224,
-    preprocess: str = "unit",
+    preprocess: str = "none",
     target: str = "predicted",
     batch_size: int = 32,
     input_format: str = "",

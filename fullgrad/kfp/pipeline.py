@@ -73,7 +73,7 @@ def build_pipeline(
         dataset_uri: str,
         model_uri: str,
         image_size: int = 224,
-        preprocess: str = "unit",
+        preprocess: str = "none",
         target: str = "predicted",
         batch_size: int = 32,
         input_format: str = "",

@@ -249,13 +249,6 @@ def beam_runner_args(
     return args
 
 
-def _read_text(location: str) -> str:
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(location) as handle:
-        return handle.read().decode("utf-8")
-
-
 def _move_matching(source_dir: str, prefix: str, target_dir: str) -> list[str]:
     """Moves ``source_dir/prefix*`` into ``target_dir`` (local or remote); returns new paths."""
     from apache_beam.io.filesystems import FileSystems
@@ -293,11 +286,14 @@ def run_explain(
     sdk_container_image: str = "",
     extra_args: Sequence[str] = (),
 ) -> dict[str, float]:
-    """The explain task: runs ``fullgrad run`` and files its outputs into the artifacts.
+    """The explain task: runs the ``fullgrad run`` job and files its outputs into the artifacts.
 
-    The maps folder gets the job's whole output (maps Parquet, ``summary.json``, overlays);
-    the dead letters are moved from it into ``dead_letters``; ``counts`` gets the summary's
-    numbers. The task fails when the job does, or when ``input != explained + failed``.
+    The flags are parsed by the job's own parser (so ``extra_args`` takes any ``fullgrad run``
+    flag, and what it does not know goes to Beam's ``PipelineOptions``), then
+    ``fullgrad.beam.job.run`` runs the pipeline. The maps folder gets the job's whole output
+    (maps Parquet, ``summary.json``, overlays); the dead letters are moved from it into
+    ``dead_letters``; ``counts`` gets the summary's numbers. The task fails when the job does,
+    or when ``input != explained + failed``.
 
     Returns:
         The metrics logged.
@@ -308,7 +304,9 @@ def run_explain(
         ...             target="predicted", batch_size=8)
         {'input': 6.0, 'explained': 5.0, 'failed': 1.0, ...}
     """
-    from fullgrad import cli
+    import argparse
+
+    from fullgrad.beam import job
 
     local = is_local_runner(runner)
     runner_args = beam_runner_args(
@@ -325,7 +323,6 @@ def run_explain(
     output = artifact_location(maps, local)
     dead_output = artifact_location(dead_letters, local)
     argv = [
-        "run",
         "--input", glob,
         "--format", fmt,
         "--model", model_file(model, local),
@@ -337,25 +334,24 @@ def run_explain(
         *runner_args,
         *extra_args,
     ]  # fmt: skip
-    _LOG.info("fullgrad %s", " ".join(argv))
-    status = cli.main(argv)
-    if status != 0:
-        raise RuntimeError(f"fullgrad run exited with status {status}")
+    _LOG.info("fullgrad run %s", " ".join(argv))
+    parser = argparse.ArgumentParser(prog="fullgrad run (explain task)")
+    job.add_arguments(parser)
+    args, beam_args = parser.parse_known_args(argv)
+    summary = job.run(job.config_from_args(args), beam_args)
 
-    summary = json.loads(_read_text(_join(output, "summary.json")))
     moved = _move_matching(output, "dead_letter", dead_output)
     if local and not moved:
         os.makedirs(dead_output, exist_ok=True)
-    values = {
-        key: float(summary[key])
-        for key in ("input", "explained", "failed", "wall_seconds", "images_per_second")
-        if isinstance(summary.get(key), (int, float))
-    }
-    for key in ("input", "explained", "failed"):
-        if key not in values:
-            raise RuntimeError(f"summary.json lacks {key!r}: {summary}")
+    values = {"input": float(summary["input"]), "explained": float(summary["explained"])}
+    values["failed"] = float(summary["failed"])
     if values["input"] != values["explained"] + values["failed"]:
         raise RuntimeError(f"records lost: input != explained + failed in {summary}")
+    for stage, count in sorted((summary.get("failed_by_stage") or {}).items()):
+        values[f"failed_{stage}"] = float(count)
+    for key, name in (("wall_time_s", "wall_time_s"), ("images_per_s", "images_per_s")):
+        if isinstance(summary.get(key), (int, float)):
+            values[name] = float(summary[key])
     for key, value in values.items():
         counts.log_metric(key, value)
     maps.metadata.update({"format": "parquet", "images": int(values["explained"])})

@@ -13,16 +13,22 @@ from __future__ import annotations
 import dataclasses
 import email.parser
 import email.policy
+import io
 import itertools
 import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 
 API = "/apis/v2beta1"
 
@@ -215,3 +221,55 @@ def kfp_server(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     with KfpServer() as server:
         yield server
+
+
+# -- a tiny real dataset and model for the kfp.local runs -------------------------------------
+
+SIZE = 32
+CLASSES = 3
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small conv-BN-ReLU classifier ending in softmax, saved as ``.keras`` (random weights)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input([SIZE, SIZE, 3])
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(6, 3, padding="same")(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(CLASSES, activation="softmax")(x)
+    path = tmp_path_factory.mktemp("model") / "classifier.keras"
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A folder with one Parquet file: 8 PNG images with labels and object masks, plus one row
+    whose image bytes are corrupt (it must come out as a dead letter, not vanish)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(8):
+        image = rng.integers(0, 60, [SIZE, SIZE, 3], dtype=np.uint8)
+        top, left = 4 + i % 3 * 4, 6 + i % 4 * 3
+        image[top : top + 12, left : left + 12] = 200 + 20 * (i % CLASSES)
+        mask = np.zeros([SIZE, SIZE], np.uint8)
+        mask[top : top + 12, left : left + 12] = 255
+        rows.append(
+            {"id": f"img-{i}", "image": _png(image), "label": i % CLASSES, "mask": _png(mask)}
+        )
+    rows.append({"id": "broken", "image": b"\x89PNG not really", "label": 0, "mask": None})
+    folder = tmp_path_factory.mktemp("dataset") / "images"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")
+    return folder
