@@ -237,7 +237,8 @@ def beam_runner_args(
     if machine_type:
         args.append(f"--machine_type={machine_type}")
     if sdk_container_image:
-        args.append(f"--sdk_container_image={sdk_container_image}")
+        # The image already holds this Beam SDK; staging another copy would only slow startup.
+        args += [f"--sdk_container_image={sdk_container_image}", "--sdk_location=container"]
     if worker_accelerator:
         if worker_accelerator_count < 1:
             raise ValueError("worker_accelerator_count must be >= 1")
