@@ -191,7 +191,7 @@ def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
     except (JobError, ValueError, FileNotFoundError) as error:
         print(f"fullgrad run: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
     return 0
 
 

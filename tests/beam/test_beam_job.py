@@ -1,0 +1,370 @@
+"""The Beam job end to end on Beam's local runner, over real Parquet and TFRecord files."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from beamdata import (
+    CLASSES,
+    SIZE,
+    encode,
+    good_rows,
+    random_image,
+    read_output,
+    write_parquet,
+    write_tfrecord,
+)
+from PIL import Image
+from test_beam_images import png_header_only
+
+import fullgrad as ke
+from fullgrad.beam import job
+from fullgrad.beam.config import JobConfig
+from fullgrad.beam.io import read_maps, safe_file_name
+from fullgrad.images import decode_image, decode_mask, preprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def engine_reference(model_path: str, rows: list[dict], mode: str, targets=None):
+    """FullGrad computed directly by the engine on the same decoded, preprocessed images."""
+    model = keras.saving.load_model(model_path, compile=False)
+    x = np.stack([decode_image(r["image"], (SIZE, SIZE)).astype(np.float32) for r in rows])
+    result = ke.FullGrad(model).compute(preprocess(x, mode), targets)
+    return result, x.astype(np.uint8)
+
+
+def config(tmp, model_path, name="out", **overrides) -> JobConfig:
+    settings = {
+        "input": str(tmp / "in" / "*.parquet"),
+        "model": model_path,
+        "output": str(tmp / name),
+        "image_size": SIZE,
+        "preprocess": "unit",
+        "batch_size": 4,
+        "map_dtype": "float32",
+        "progress_every": 5,
+    }
+    settings.update(overrides)
+    return JobConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def parquet_run(tmp_path_factory, model_path):
+    """12 good rows over 2 Parquet files (several row groups), explained with batch size 4."""
+    tmp = tmp_path_factory.mktemp("parquet")
+    (tmp / "in").mkdir()
+    rows = good_rows(12)
+    write_parquet(str(tmp / "in" / "part-0.parquet"), rows[:7], row_group_size=3)
+    write_parquet(str(tmp / "in" / "part-1.parquet"), rows[7:])
+    summary = job.run(config(tmp, model_path, overlays=3, write_tfrecord=True, top_k=3))
+    return tmp, rows, summary
+
+
+def test_parquet_maps_equal_the_engine_on_the_same_images(parquet_run, model_path):
+    tmp, rows, summary = parquet_run
+    assert (summary["input"], summary["explained"], summary["failed"]) == (12, 12, 0)
+    assert summary["files"] == 2 and summary["images_per_s"] > 0
+    maps, dead = read_output(str(tmp / "out"))
+    assert dead.num_rows == 0
+    assert maps.column("id").to_pylist() == [r["id"] for r in rows]
+    expected, decoded = engine_reference(model_path, rows, "unit")
+    stored = read_maps(maps)
+    assert stored.shape == (12, SIZE, SIZE)
+    np.testing.assert_allclose(stored, expected.maps[..., 0], atol=1e-5)
+    np.testing.assert_array_equal(maps.column("target").to_numpy(), expected.targets[:, 0])
+    np.testing.assert_allclose(maps.column("logit").to_numpy(), expected.logits[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(maps.column("residual").to_numpy(), expected.residual[:, 0],
+                               atol=1e-5)
+    assert maps.column("residual").to_numpy().max() < 1e-4  # ReLU + BatchNorm: complete
+    order = np.argsort(-expected.all_logits, axis=1)[:, :3]
+    assert maps.column("topk_classes").to_pylist() == order.tolist()
+    assert [t[0] for t in maps.column("topk_classes").to_pylist()] == list(expected.targets[:, 0])
+    assert maps.column("label").to_pylist() == [r["label"] for r in rows]
+    for index, row in enumerate(maps.to_pylist()):
+        thumbnail = np.asarray(Image.open(io.BytesIO(row["thumbnail"])))
+        np.testing.assert_array_equal(thumbnail, decoded[index])
+        mask = np.asarray(Image.open(io.BytesIO(row["mask"]))) > 0
+        np.testing.assert_array_equal(mask, decode_mask(rows[index]["mask"], (SIZE, SIZE)))
+
+
+def test_parquet_run_writes_the_documented_layout(parquet_run):
+    tmp, rows, _ = parquet_run
+    out = tmp / "out"
+    names = sorted(os.listdir(out))
+    assert "summary.json" in names and "counts.json" not in names
+    assert any(n.startswith("maps-") and n.endswith(".parquet") for n in names)
+    assert any(n.startswith("dead_letter-") and n.endswith(".parquet") for n in names)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input"] == summary["explained"] + summary["failed"]
+    schema = pq.read_schema(str(next(out.glob("maps-*.parquet"))))
+    assert isinstance(schema.field("map").type, pa.FixedShapeTensorType)
+    assert schema.field("map").type.shape == [SIZE, SIZE]
+    overlays = sorted(os.listdir(out / "overlays"))
+    index = json.loads((out / "overlays" / "index.json").read_text())
+    assert sorted(index.values()) == [r["id"] for r in rows[:3]]  # the smallest ids
+    assert overlays == sorted([*index, "index.json"])
+    picture = np.asarray(Image.open(out / "overlays" / safe_file_name("img-0000")))
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
+    # The TFRecord copy holds the same maps.
+    import tensorflow as tf
+
+    records = list(tf.data.TFRecordDataset([str(p) for p in out.glob("maps-*.tfrecord")]))
+    assert len(records) == 12
+    maps, _ = read_output(str(out))
+    by_id = dict(zip(maps.column("id").to_pylist(), read_maps(maps), strict=True))
+    for raw in records:
+        example = tf.train.Example.FromString(raw.numpy())
+        feature = example.features.feature
+        shape = list(feature["map/shape"].int64_list.value)
+        stored = np.frombuffer(feature["map"].bytes_list.value[0], np.float32).reshape(shape)
+        np.testing.assert_array_equal(stored, by_id[feature["id"].bytes_list.value[0].decode()])
+
+
+def test_outputs_are_equal_across_batch_sizes(parquet_run, model_path):
+    tmp, _, _ = parquet_run
+    summary = job.run(config(tmp, model_path, name="batch1", batch_size=1, top_k=3))
+    assert summary["explained"] == 12
+    one, _ = read_output(str(tmp / "batch1"))
+    four, _ = read_output(str(tmp / "out"))
+    np.testing.assert_allclose(read_maps(one), read_maps(four), atol=1e-5)
+    for column in ("id", "target", "label", "topk_classes", "thumbnail", "mask"):
+        assert one.column(column).to_pylist() == four.column(column).to_pylist(), column
+    np.testing.assert_allclose(one.column("logit").to_numpy(), four.column("logit").to_numpy(),
+                               rtol=1e-5)
+
+
+def test_multi_process_run_through_the_entry_script(parquet_run, model_path):
+    tmp, _, _ = parquet_run
+    output = tmp / "multi"
+    command = [
+        sys.executable, os.path.join(REPO, "pipelines", "beam_job.py"),
+        "--input", str(tmp / "in" / "*.parquet"), "--model", model_path, "--output", str(output),
+        "--image-size", str(SIZE), "--preprocess", "unit", "--batch-size", "4",
+        "--map-dtype", "uint8", "--top-k", "3",
+        # Beam's own flags, passed through to PipelineOptions:
+        "--direct_num_workers", "2", "--direct_running_mode", "multi_processing",
+    ]
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        command, check=False, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert (summary["input"], summary["explained"], summary["failed"]) == (12, 12, 0)
+    multi, _ = read_output(str(output))
+    single, _ = read_output(str(tmp / "out"))
+    assert multi.schema.metadata[b"fullgrad.map_dtype"] == b"uint8"
+    assert multi.schema.field("map").type.value_type == pa.uint8()
+    # uint8 storage: within half a step of 1/255 of the float32 maps of the in-process run.
+    np.testing.assert_allclose(read_maps(multi), read_maps(single), atol=0.5 / 255 + 1e-5)
+    assert multi.column("target").to_pylist() == single.column("target").to_pylist()
+
+
+def test_bad_inputs_become_dead_letters_and_the_run_continues(tmp_path, model_path):
+    (tmp_path / "in").mkdir()
+    good = good_rows(3)
+    png = encode(random_image(50))
+    bad = [
+        {"id": "../../x", "image": png, "label": 1, "mask": None},
+        {"id": "empty", "image": b"", "label": 1, "mask": None},
+        {"id": "corrupt", "image": png[:80], "label": 1, "mask": None},
+        {"id": "gif", "image": encode(random_image(2), "GIF"), "label": 1, "mask": None},
+        {"id": "bomb", "image": png_header_only(9000, 9000), "label": 1, "mask": None},
+        {"id": "text", "image": b"<html>not an image</html>", "label": 1, "mask": None},
+        {"id": "null-image", "image": None, "label": 1, "mask": None},
+        {"id": None, "image": png, "label": 1, "mask": None},
+        {"id": "bad-mask", "image": png, "label": 1, "mask": b"\x00\x01"},
+    ]
+    write_parquet(str(tmp_path / "in" / "a-bytes.parquet"), good + bad)
+    pixels = np.random.default_rng(0).uniform(0, 255, [3, SIZE, SIZE, 3])
+    pixels[1, 4, 5, 2] = np.nan
+    pixels[2] = 3e38  # finite input that overflows inside the network: a NaN map
+    write_parquet(
+        str(tmp_path / "in" / "b-pixels.parquet"),
+        [{"id": f"pixels-{i}", "image": pixels[i].tolist()} for i in range(3)],
+    )
+    write_parquet(str(tmp_path / "in" / "c-nocolumn.parquet"),
+                  [{"id": "no-image-1", "picture": png}, {"id": "no-image-2", "picture": png}])
+    (tmp_path / "in" / "d-broken.parquet").write_bytes(b"PAR1 this is not parquet")
+
+    summary = job.run(config(tmp_path, model_path, overlays=10, preprocess="none"))
+    maps, dead = read_output(str(tmp_path / "out"))
+    explained = sorted(maps.column("id").to_pylist())
+    assert explained == sorted(["../../x", "pixels-0", *[r["id"] for r in good]])
+    failures = {row["id"]: (row["stage"], row["error"]) for row in dead.to_pylist()}
+    expected = {
+        "empty": ("decode", "empty image bytes"),
+        "corrupt": ("decode", "corrupt"),
+        "gif": ("decode", "unsupported image format GIF"),
+        "bomb": ("decode", "decompression bomb"),
+        "text": ("decode", "not PNG or JPEG"),
+        "null-image": ("decode", "image is null"),
+        "a-bytes.parquet#10": ("read", "null 'id'"),
+        "bad-mask": ("decode", "mask"),
+        "pixels-1": ("preprocess", "NaN"),
+        "pixels-2": ("explain", "NaN/inf"),
+        "no-image-1": ("read", "missing column(s) ['image']"),
+        "no-image-2": ("read", "missing column(s) ['image']"),
+    }
+    broken = [i for i in failures if i.endswith("d-broken.parquet")]
+    assert len(broken) == 1 and failures.pop(broken[0])[0] == "read"
+    assert set(failures) == set(expected)
+    for record_id, (stage, text) in expected.items():
+        assert failures[record_id][0] == stage, record_id
+        assert text in failures[record_id][1], (record_id, failures[record_id])
+    assert summary["input"] == 18 == summary["explained"] + summary["failed"]
+    assert summary["failed_by_stage"] == {"decode": 7, "explain": 1, "preprocess": 1, "read": 4}
+    # The id "../../x" stays data: its overlay is inside overlays/, under a sanitised name.
+    overlays = tmp_path / "out" / "overlays"
+    assert (overlays / safe_file_name("../../x")).is_file()
+    assert json.loads((overlays / "index.json").read_text())[safe_file_name("../../x")] == "../../x"
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+    assert sorted(os.listdir(tmp_path)) == ["in", "out"]
+
+
+def test_tfrecord_with_configured_keys_and_label_targets(tmp_path, model_path):
+    (tmp_path / "in").mkdir()
+    keys = {"id": "key", "image": "png", "label": "class", "mask": "object"}
+    rows = good_rows(6)
+    extra = [
+        {"id": "no-image", "label": 1},
+        {"id": "corrupt", "image": b"\xff\xd8\xff\xe0 broken jpeg", "label": 1},
+        {"id": "label-out-of-range", "image": rows[0]["image"], "label": CLASSES + 2},
+        {"id": "no-label", "image": rows[0]["image"]},
+    ]
+    write_tfrecord(str(tmp_path / "in" / "a.tfrecord"), rows[:3] + extra[:2], keys)
+    write_tfrecord(str(tmp_path / "in" / "b.tfrecord"), rows[3:] + extra[2:], keys)
+    summary = job.run(
+        config(
+            tmp_path, model_path, input=str(tmp_path / "in" / "*.tfrecord"), target="label",
+            id_column="key", image_column="png", label_column="class", mask_column="object",
+            preprocess="tf", map_size=16, map_dtype="float16",
+        )
+    )
+    assert (summary["input"], summary["explained"], summary["failed"]) == (10, 6, 4)
+    maps, dead = read_output(str(tmp_path / "out"))
+    assert maps.column("target").to_pylist() == [r["label"] for r in rows]
+    assert maps.column("label").to_pylist() == [r["label"] for r in rows]
+    stages = {d["id"]: (d["stage"], d["error"]) for d in dead.to_pylist()}
+    assert stages["no-image"][0] == "read" and "missing key(s) ['png']" in stages["no-image"][1]
+    assert stages["corrupt"][0] == "decode"
+    assert stages["label-out-of-range"] == (
+        "preprocess", "target class 7 is outside the model's 5"
+    )
+    assert stages["no-label"] == ("preprocess", "--target label, but this record has no label")
+    stored = read_maps(maps)
+    assert stored.shape == (6, 16, 16) and maps.schema.field("map").type.value_type == pa.float16()
+    expected, _ = engine_reference(model_path, rows, "tf", targets=[r["label"] for r in rows])
+    np.testing.assert_allclose(maps.column("logit").to_numpy(), expected.logits[:, 0], rtol=1e-5)
+    from fullgrad.images import resize_map
+
+    reference = np.stack([resize_map(m, (16, 16)) for m in expected.maps[..., 0]])
+    np.testing.assert_allclose(stored, reference, atol=1e-3)  # float16 storage
+
+
+def _main(argv: list[str]) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    args, extra = parser.parse_known_args(argv)
+    return job.main(args, extra), ""
+
+
+def _unsafe_model(path: str) -> str:
+    inputs = keras.Input([SIZE, SIZE, 3])
+    x = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(3)(x)).save(path)
+    return path
+
+
+def _wide_model(path: str) -> str:
+    inputs = keras.Input([64, 64, 3])
+    x = keras.layers.Conv2D(2, 3)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(3)(x)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_model", "message"),
+    [
+        (lambda tmp: str(tmp / "missing.keras"), "model file not found"),
+        (lambda tmp: _unsafe_model(str(tmp / "lambda.keras")), "safe_mode"),
+        (lambda tmp: _wide_model(str(tmp / "wide.keras")), "takes inputs of shape (64, 64, 3)"),
+    ],
+    ids=["missing", "unsafe", "wrong-input-shape"],
+)
+def test_bad_models_fail_before_any_data_is_read(tmp_path, capsys, make_model, message):
+    model = make_model(tmp_path)
+    # The input does not exist: an error about the model proves the data was never reached.
+    argv = ["--input", str(tmp_path / "nowhere" / "*.parquet"), "--model", model,
+            "--output", str(tmp_path / "out"), "--image-size", str(SIZE)]
+    status, _ = _main(argv)
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith("fullgrad run: error: --model") and message in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_target_class_out_of_range_and_an_empty_glob_are_refused(tmp_path, model_path):
+    settings = config(tmp_path, model_path, target="9")
+    with pytest.raises(job.JobError, match="--target 9 is out of range for a model with 5"):
+        job.run(settings)
+    with pytest.raises(job.JobError, match="matches no file"):
+        job.run(config(tmp_path, model_path))
+
+
+def test_reruns_refuse_or_replace_but_never_mix(tmp_path, model_path):
+    (tmp_path / "in").mkdir()
+    write_parquet(str(tmp_path / "in" / "first.parquet"),
+                  [{"key": r["id"], "png": r["image"]} for r in good_rows(5)])
+    first = config(tmp_path, model_path, id_column="key", image_column="png", overlays=2)
+    assert job.run(first)["explained"] == 5
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+
+    with pytest.raises(job.JobError, match="already holds a run's outputs.*--overwrite"):
+        job.run(first)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
+
+    os.remove(tmp_path / "in" / "first.parquet")
+    write_parquet(str(tmp_path / "in" / "second.parquet"),
+                  [{"key": f"new-{i}", "png": r["image"]} for i, r in enumerate(good_rows(2))])
+    second = config(tmp_path, model_path, id_column="key", image_column="png", overwrite=True)
+    summary = job.run(second)
+    maps, dead = read_output(str(tmp_path / "out"))
+    assert maps.column("id").to_pylist() == ["new-0", "new-1"] and dead.num_rows == 0
+    assert summary["input"] == 2
+    assert not (tmp_path / "out" / "overlays").exists()  # the first run's overlays are gone
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # not ours: kept
+
+
+def test_the_default_runner_is_pinned_and_flags_pass_through():
+    options = job.pipeline_options(["--direct_num_workers", "2", "--job_name", "x"])
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    assert options.view_as(StandardOptions).runner == job.DEFAULT_RUNNER
+    assert options.view_as(DirectOptions).direct_num_workers == 2
+    chosen = job.pipeline_options(["--runner", "DataflowRunner"])
+    assert chosen.view_as(StandardOptions).runner == "DataflowRunner"
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    args, extra = parser.parse_known_args(
+        ["--input", "a.tfrecord", "--model", "m.keras", "--output", "o", "--target", "3",
+         "--runner", "FlinkRunner", "--flink_master", "localhost:8081"]
+    )
+    assert extra == ["--runner", "FlinkRunner", "--flink_master", "localhost:8081"]
+    settings = job.config_from_args(args)
+    assert settings.resolved_format() == "tfrecord" and settings.target_index() == 3
+    assert settings.columns().image == "image/encoded"
