@@ -360,6 +360,12 @@ def run_explain(
     return values
 
 
+def _by_class(audit: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``audit["classes"]`` items in class order (numeric ids numerically: 2 before 10)."""
+    items = [(str(k), v) for k, v in audit.get("classes", {}).items()]
+    return sorted(items, key=lambda kv: (not kv[0].isdigit(), kv[0].zfill(12)))
+
+
 def audit_metrics(audit: Mapping[str, Any]) -> dict[str, float]:
     """The audit's headline numbers as flat metric names (KFP shows one number per name).
 
@@ -372,13 +378,19 @@ def audit_metrics(audit: Mapping[str, Any]) -> dict[str, float]:
         {'mask_energy_class_3': 0.2, 'flagged_classes': 1.0, 'flagged_images': 0.0}
     """
     values: dict[str, float] = {}
-    for label, stats in sorted(audit.get("classes", {}).items(), key=lambda kv: str(kv[0])):
+    for label, stats in _by_class(audit):
         for key in ("mask_energy", "border_energy"):
             value = _scalar(stats.get(key))
             if value is not None:
                 values[f"{key}_class_{label}"] = value
     values["flagged_classes"] = float(len(audit.get("flagged_classes", [])))
-    values["flagged_images"] = float(len(audit.get("flagged_images", [])))
+    # audit.json lists a capped number of flagged images; the total is kept beside the list.
+    total = audit.get("flagged_images_total")
+    values["flagged_images"] = float(
+        total if isinstance(total, int) else len(audit.get("flagged_images", []))
+    )
+    if isinstance(audit.get("images"), int):
+        values["images"] = float(audit["images"])
     return values
 
 
@@ -407,16 +419,18 @@ def audit_markdown(audit: Mapping[str, Any]) -> str:
         "| class | images | mask energy | border energy | concentration | flagged |",
         "|---|---|---|---|---|---|",
     ]
-    for label, stats in sorted(audit.get("classes", {}).items(), key=lambda kv: str(kv[0])):
+    for label, stats in _by_class(audit):
         cells = [_cell(stats.get(key)) for key in ("mask_energy", "border_energy", "concentration")]
+        name = str(stats.get("name") or label).replace("|", "\\|")
+        reasons = ", ".join(stats.get("reasons") or []) or "yes"
         lines.append(
-            f"| {label} | {stats.get('count', '')} | {' | '.join(cells)} | "
-            f"{'**yes**' if str(label) in flagged else 'no'} |"
+            f"| {name} | {stats.get('count', '')} | {' | '.join(cells)} | "
+            f"{f'**{reasons}**' if label in flagged else 'no'} |"
         )
     lines += [
         "",
         f"Flagged classes: {', '.join(sorted(flagged)) or 'none'}.",
-        f"Flagged images: {len(audit.get('flagged_images', []))}.",
+        f"Flagged images: {audit.get('flagged_images_total', len(audit.get('flagged_images', [])))}.",
         "",
         "The full report with pictures is the task's `report` (HTML) output.",
     ]
@@ -436,10 +450,13 @@ def run_audit(
     metrics: Any,
     extra_args: Sequence[str] = (),
 ) -> dict[str, float]:
-    """The audit task: runs ``fullgrad audit`` over the maps and files its outputs.
+    """The audit task: runs the ``fullgrad audit`` pipeline over the maps and files its outputs.
 
-    ``report.html`` becomes the ``report`` artifact, a Markdown digest of ``audit.json`` the
-    ``summary``, and :func:`audit_metrics` goes to ``metrics``.
+    The flags are parsed by the command's own parser (``extra_args`` takes any ``fullgrad
+    audit`` setting, e.g. ``--image-mask-energy-min 0.4``; unknown ones go to Beam), the audit
+    writes ``audit.json`` and ``report.html`` to a scratch folder, then ``report.html`` becomes
+    the ``report`` artifact, a Markdown digest of ``audit.json`` the ``summary``, and
+    :func:`audit_metrics` goes to ``metrics``.
 
     Returns:
         The metrics logged.
@@ -448,19 +465,24 @@ def run_audit(
         >>> run_audit(maps=maps, report=report, summary=summary, metrics=metrics)
         {'mask_energy_class_0': 0.71, ..., 'flagged_classes': 1.0, 'flagged_images': 3.0}
     """
-    from fullgrad import cli
+    import argparse
+
+    from fullgrad.audit import command
 
     workdir = tempfile.mkdtemp(prefix="fullgrad-audit-")
     try:
-        argv = ["audit", "--maps", maps.path, "--output", workdir, *extra_args]
-        _LOG.info("fullgrad %s", " ".join(argv))
-        status = cli.main(argv)
-        if status != 0:
-            raise RuntimeError(f"fullgrad audit exited with status {status}")
-        with open(os.path.join(workdir, "audit.json"), encoding="utf-8") as handle:
+        argv = ["--maps", maps.path, "--output", workdir, *extra_args]
+        _LOG.info("fullgrad audit %s", " ".join(argv))
+        parser = argparse.ArgumentParser(prog="fullgrad audit (audit task)")
+        command.add_arguments(parser)
+        args, beam_args = parser.parse_known_args(argv)
+        paths = command.run_audit(
+            args.maps, args.output, command.settings_from_args(args), beam_args
+        )
+        with open(paths["json"], encoding="utf-8") as handle:
             audit = json.load(handle)
         os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
-        shutil.copyfile(os.path.join(workdir, "report.html"), report.path)
+        shutil.copyfile(paths["html"], report.path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(os.path.dirname(summary.path) or ".", exist_ok=True)
@@ -469,4 +491,5 @@ def run_audit(
     values = audit_metrics(audit)
     for key, value in values.items():
         metrics.log_metric(key, value)
+    report.metadata.update({"flagged_classes": list(audit.get("flagged_classes", []))})
     return values

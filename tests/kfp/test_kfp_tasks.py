@@ -9,6 +9,8 @@ import pytest
 
 from fullgrad.kfp.tasks import (
     artifact_location,
+    audit_markdown,
+    audit_metrics,
     beam_runner_args,
     dataset_input,
     model_file,
@@ -123,3 +125,49 @@ def test_artifact_location():
     artifact = Artifact(uri="gs://b/x", path="/gcs/b/x")
     assert artifact_location(artifact, local=True) == "/gcs/b/x"
     assert artifact_location(artifact, local=False) == "gs://b/x"
+
+
+AUDIT = {
+    "images": 30,
+    "classes": {
+        "10": {"name": "truck", "count": 5, "mask_energy": 0.61, "border_energy": 0.2,
+               "concentration": 0.3, "flagged": False, "reasons": []},
+        "2": {"name": "cat|dog", "count": 15, "mask_energy": 0.18, "border_energy": 0.55,
+              "concentration": 0.4, "flagged": True, "reasons": ["off_object", "on_border"]},
+        "0": {"name": "0", "count": 10, "mask_energy": None, "border_energy": 0.1,
+              "concentration": float("nan"), "flagged": False, "reasons": []},
+    },
+    "flagged_classes": ["2"],
+    "flagged_images": [{"id": "a"}, {"id": "b"}],
+    "flagged_images_total": 7,
+}  # fmt: skip
+
+
+def test_audit_metrics_per_class_and_flag_counts():
+    assert audit_metrics(AUDIT) == {
+        "border_energy_class_0": 0.1,
+        "mask_energy_class_2": 0.18,
+        "border_energy_class_2": 0.55,
+        "mask_energy_class_10": 0.61,
+        "border_energy_class_10": 0.2,
+        "flagged_classes": 1.0,
+        "flagged_images": 7.0,  # the total, not the capped list
+        "images": 30.0,
+    }
+    assert list(audit_metrics(AUDIT))[:3] == [
+        "border_energy_class_0",  # no mask energy without masks: left out, not NaN
+        "mask_energy_class_2",
+        "border_energy_class_2",
+    ]
+
+
+def test_audit_markdown_table():
+    lines = audit_markdown(AUDIT).splitlines()
+    assert lines[0] == "# FullGrad audit"
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [
+        "| 0 | 10 | n/a | 0.100 | n/a | no |",
+        "| cat\\|dog | 15 | 0.180 | 0.550 | 0.400 | **off_object, on_border** |",
+        "| truck | 5 | 0.610 | 0.200 | 0.300 | no |",
+    ]
+    assert "Flagged classes: 2." in lines and "Flagged images: 7." in lines
