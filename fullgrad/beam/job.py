@@ -352,9 +352,14 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
+    from fullgrad.audit.transforms import with_statistics
     from fullgrad.beam import io
 
-    explained, dead = outputs.explained, outputs.dead_letters
+    # Per-image audit statistics become columns of the maps (and are reused by the audit).
+    explained = outputs.explained | "Statistics" >> beam.Map(
+        with_statistics, _audit_settings(config)
+    )
+    dead = outputs.dead_letters
     _ = explained | "WriteMaps" >> io.WriteMaps(config)
     _ = dead | "WriteDeadLetters" >> io.WriteDeadLetters(config.output)
     if config.write_tfrecord:
