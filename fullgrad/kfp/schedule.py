@@ -428,6 +428,8 @@ def _compiled_pipeline(args: argparse.Namespace, workdir: str) -> str:
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
     """Runs ``fullgrad schedule``; errors in the request are reported without a traceback."""
+    from kfp_server_api import ApiException
+
     try:
         if args.cron is not None:
             validate_cron(args.cron)  # before any network call
@@ -472,6 +474,16 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
             return 0
     except (ValueError, PermissionError, FileNotFoundError) as error:
         print(f"fullgrad schedule: error: {error}", file=sys.stderr)
+        return 2
+    except ApiException as error:
+        print(
+            f"fullgrad schedule: error: {args.host} answered {error.status} {error.reason}: "
+            f"{(error.body or '').strip()}",
+            file=sys.stderr,
+        )
+        return 2
+    except TimeoutError as error:  # kfp.Client's health check gave up
+        print(f"fullgrad schedule: error: cannot reach {args.host}: {error}", file=sys.stderr)
         return 2
 
 

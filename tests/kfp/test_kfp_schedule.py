@@ -204,6 +204,12 @@ def test_list_and_delete_touch_only_this_pipelines_schedules(server, capsys):
     assert not server.calls("DELETE", "/recurringruns/someone-elses")
 
 
+def test_server_errors_are_reported_not_raised(server, capsys):
+    assert schedule(server, "--delete", "no-such-run") == 2
+    err = capsys.readouterr().err
+    assert f"{server.url} answered 404" in err and "recurring run no-such-run not found" in err
+
+
 def test_five_field_cron_fails_before_any_request(server, capsys):
     status = schedule(server, "--cron", "0 2 * * *", "--experiment", "e",
                       "--pipeline", str(PIPELINE), *[a for p in PARAMS for a in ("--param", p)])  # fmt: skip
