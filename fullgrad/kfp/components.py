@@ -133,6 +133,9 @@ def audit(
 ):
     """Audits the maps written by ``explain``: per-class evidence of where the model looks.
 
+    If ``explain`` ran with ``--audit`` (the audit computed in the Beam pass, e.g. on Dataflow)
+    and ``extra_args`` is empty, that audit is filed as it is instead of re-reading the maps.
+
     Args:
         maps: The ``explain`` task's maps.
         report: Written: the self-contained HTML report (pictures included).

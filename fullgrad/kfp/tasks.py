@@ -458,6 +458,11 @@ def run_audit(
     the ``report`` artifact, a Markdown digest of ``audit.json`` the ``summary``, and
     :func:`audit_metrics` goes to ``metrics``.
 
+    When the explain job already audited in its own pass (``explain_args=["--audit"]``, e.g.
+    on Dataflow's workers for a large dataset) and no ``extra_args`` ask for other settings, its
+    ``audit.json`` / ``report.html`` are filed as they are, instead of reading every map again
+    in this pod.
+
     Returns:
         The metrics logged.
 
@@ -467,18 +472,23 @@ def run_audit(
     """
     import argparse
 
-    from fullgrad.audit import command
-
     workdir = tempfile.mkdtemp(prefix="fullgrad-audit-")
     try:
-        argv = ["--maps", maps.path, "--output", workdir, *extra_args]
-        _LOG.info("fullgrad audit %s", " ".join(argv))
-        parser = argparse.ArgumentParser(prog="fullgrad audit (audit task)")
-        command.add_arguments(parser)
-        args, beam_args = parser.parse_known_args(argv)
-        paths = command.run_audit(
-            args.maps, args.output, command.settings_from_args(args), beam_args
-        )
+        paths = {"json": os.path.join(maps.path, "audit.json")}
+        paths["html"] = os.path.join(maps.path, "report.html")
+        if extra_args or not all(os.path.isfile(p) for p in paths.values()):
+            from fullgrad.audit import command
+
+            argv = ["--maps", maps.path, "--output", workdir, *extra_args]
+            _LOG.info("fullgrad audit %s", " ".join(argv))
+            parser = argparse.ArgumentParser(prog="fullgrad audit (audit task)")
+            command.add_arguments(parser)
+            args, beam_args = parser.parse_known_args(argv)
+            paths = command.run_audit(
+                args.maps, args.output, command.settings_from_args(args), beam_args
+            )
+        else:
+            _LOG.info("filing the audit the explain job wrote in its pass: %s", paths["json"])
         with open(paths["json"], encoding="utf-8") as handle:
             audit = json.load(handle)
         os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)

@@ -171,3 +171,35 @@ def test_audit_markdown_table():
         "| truck | 5 | 0.610 | 0.200 | 0.300 | no |",
     ]
     assert "Flagged classes: 2." in lines and "Flagged images: 7." in lines
+
+
+def test_audit_task_files_the_audit_the_job_already_wrote(tmp_path):
+    """explain_args=["--audit"] audits in the Beam pass; the audit task then only files it."""
+    import json
+
+    from kfp import dsl
+
+    from fullgrad.kfp.tasks import run_audit
+
+    maps_dir = tmp_path / "maps"
+    maps_dir.mkdir()
+    (maps_dir / "audit.json").write_text(json.dumps({**AUDIT, "classes": {
+        k: {**v, "concentration": None} for k, v in AUDIT["classes"].items()}}))  # fmt: skip
+    (maps_dir / "report.html").write_text("<!doctype html><title>audit</title>")
+    # No maps-*.parquet here: recomputing would fail, so passing proves nothing was re-read.
+    report = dsl.HTML(uri=str(tmp_path / "out" / "report"))
+    summary = dsl.Markdown(uri=str(tmp_path / "out" / "summary"))
+    metrics = dsl.Metrics(uri=str(tmp_path / "out" / "metrics"))
+    values = run_audit(
+        maps=dsl.Dataset(uri=str(maps_dir)), report=report, summary=summary, metrics=metrics
+    )
+    assert Path(report.path).read_text() == "<!doctype html><title>audit</title>"
+    assert "| truck | 5 | 0.610 | 0.200 | n/a | no |" in Path(summary.path).read_text()
+    assert metrics.metadata == values
+    assert values["mask_energy_class_2"] == 0.18 and values["flagged_images"] == 7
+    assert report.metadata["flagged_classes"] == ["2"]
+
+    # Settings of its own make the task recompute from the maps, which are missing here.
+    with pytest.raises(FileNotFoundError, match="no maps-"):
+        run_audit(maps=dsl.Dataset(uri=str(maps_dir)), report=report, summary=summary,
+                  metrics=metrics, extra_args=["--min-class-count", "1"])  # fmt: skip
