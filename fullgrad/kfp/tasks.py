@@ -199,7 +199,8 @@ def beam_runner_args(
             empty for CPU workers.
         worker_accelerator_count: GPUs per Dataflow worker.
         machine_type: Dataflow worker machine type.
-        sdk_container_image: The Dataflow workers' image (this project's image).
+        sdk_container_image: The workers' image (this project's image), for any runner but
+            the local one.
 
     Returns:
         The flags, in Beam's spelling.
@@ -229,7 +230,10 @@ def beam_runner_args(
         given = sorted(name for name, value in dataflow_only.items() if value)
         if given:
             raise ValueError(f"{given} only apply to runner=DataflowRunner, not {runner!r}")
-        return args
+        # Portable runners (Flink, Spark) start their SDK workers from this image too.
+        return args + (
+            [f"--sdk_container_image={sdk_container_image}"] if sdk_container_image else []
+        )
     missing = [n for n in ("project", "region", "temp_location") if not dataflow_only[n]]
     if missing:
         raise ValueError(f"runner=DataflowRunner needs {missing}")

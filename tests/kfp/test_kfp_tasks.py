@@ -33,6 +33,10 @@ def local(path: Path) -> Artifact:
 def test_local_runner_needs_no_flags_and_refuses_dataflow_settings():
     assert beam_runner_args("local") == []
     assert beam_runner_args("FlinkRunner") == ["--runner=FlinkRunner"]
+    assert beam_runner_args("FlinkRunner", sdk_container_image="reg/fullgrad:1") == [
+        "--runner=FlinkRunner",
+        "--sdk_container_image=reg/fullgrad:1",
+    ]
     with pytest.raises(ValueError, match=r"\['project', 'worker_accelerator'\] only apply"):
         beam_runner_args("local", project="p", worker_accelerator="nvidia-l4")
 
