@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -246,6 +247,8 @@ def check_input(config: JobConfig) -> int:
 
     total = 0
     for pattern in input_patterns(config.input):
+        if os.path.isdir(pattern):
+            raise JobError(f"--input {pattern} is a folder; pass a glob such as {pattern}/*")
         try:
             found = len(FileSystems.match([pattern])[0].metadata_list)
         except Exception as error:
@@ -254,6 +257,16 @@ def check_input(config: JobConfig) -> int:
             raise JobError(f"--input {pattern} matches no file")
         total += found
     return total
+
+
+def _matching_paths(pattern: str) -> list[str]:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        matched = FileSystems.match([pattern])[0]
+    except Exception:  # noqa: BLE001 -- Beam raises when the folder does not exist yet
+        return []
+    return [m.path.rstrip("/") for m in matched.metadata_list]
 
 
 def prepare_output(config: JobConfig) -> None:
@@ -267,15 +280,21 @@ def prepare_output(config: JobConfig) -> None:
     """
     from apache_beam.io.filesystems import FileSystems
 
-    existing = []
+    existing = set()
     for pattern in OWNED_OUTPUTS:
-        matched = FileSystems.match([FileSystems.join(config.output, pattern)])[0]
-        existing += [m.path for m in matched.metadata_list]
-        folder = FileSystems.join(config.output, pattern)
-        if "*" not in pattern and os.path.isdir(folder):
-            existing.append(folder)
+        # Local globs match folders too; on object stores a "folder" is every object under it.
+        for candidate in (pattern, f"{pattern}/**"):
+            existing.update(_matching_paths(FileSystems.join(config.output, candidate)))
+    if os.path.isdir(config.output):
+        existing.update(
+            os.path.join(config.output, name)
+            for pattern in OWNED_OUTPUTS
+            for name in fnmatch.filter(os.listdir(config.output), pattern)
+        )
+    existing = sorted(existing)
     if not existing:
-        FileSystems.mkdirs(config.output) if not FileSystems.exists(config.output) else None
+        if not FileSystems.exists(config.output):
+            FileSystems.mkdirs(config.output)
         return
     if not config.overwrite:
         raise JobError(
@@ -284,7 +303,13 @@ def prepare_output(config: JobConfig) -> None:
             "pass --overwrite to replace them, or choose another folder"
         )
     _LOGGER.info("fullgrad: --overwrite: removing %d earlier outputs", len(existing))
-    FileSystems.delete(sorted(set(existing)))
+    # Folders first (their files go with them), then files that were not under one.
+    removed: list[str] = []
+    for path in existing:
+        if any(path.startswith(folder + "/") for folder in removed):
+            continue
+        FileSystems.delete([path])
+        removed.append(path)
 
 
 # -- the pipeline ----------------------------------------------------------------------------

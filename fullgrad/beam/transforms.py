@@ -163,7 +163,7 @@ class ToRecords(beam.DoFn):
         self._count += 1
         if self._progress_every and self._count % self._progress_every == 0:
             elapsed = time.perf_counter() - self._start
-            _LOGGER.warning(
+            _LOGGER.info(
                 "fullgrad: %d images explained by this worker (pid %d), %.1f images/s",
                 self._count,
                 os.getpid(),

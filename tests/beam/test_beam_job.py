@@ -368,3 +368,17 @@ def test_the_default_runner_is_pinned_and_flags_pass_through():
     settings = job.config_from_args(args)
     assert settings.resolved_format() == "tfrecord" and settings.target_index() == 3
     assert settings.columns().image == "image/encoded"
+
+
+def test_audit_without_the_audit_module_is_a_clear_error(tmp_path, model_path):
+    try:
+        import fullgrad.audit.transforms  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("fullgrad.audit is present: the audit's own tests cover --audit")
+    (tmp_path / "in").mkdir()
+    write_parquet(str(tmp_path / "in" / "a.parquet"), good_rows(1))
+    with pytest.raises(job.JobError, match="--audit needs fullgrad.audit"):
+        job.run(config(tmp_path, model_path, audit=True))
+    assert not (tmp_path / "out").exists()
