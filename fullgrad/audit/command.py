@@ -41,7 +41,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser | Any) -> None:
         if field.name == "class_names":
             parser.add_argument(flag, help="comma-separated display names, by class index")
             continue
-        parser.add_argument(flag, type=_TYPES[str(field.type)], default=getattr(defaults, field.name))
+        parser.add_argument(
+            flag, type=_TYPES[str(field.type)], default=getattr(defaults, field.name)
+        )
 
 
 def settings_from_args(args: argparse.Namespace) -> AuditSettings:

@@ -199,6 +199,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
+def _sci(value: Any) -> str:
+    if value is None or not math.isfinite(float(value)):
+        return "&ndash;"
+    return f"{float(value):.1e}"
+
+
 def _img(data: str | None, alt: str) -> str:
     if data is None:
         return f"<p><em>{html.escape(alt)}: nothing to show.</em></p>"
@@ -207,7 +213,7 @@ def _img(data: str | None, alt: str) -> str:
 
 def _class_table(audit: Mapping[str, Any]) -> str:
     head = (
-        "<tr><th>class</th><th>images</th><th>accuracy</th><th>mask energy</th>"
+        "<tr><th>class</th><th>images</th><th>label = class</th><th>mask energy</th>"
         "<th>mask area</th><th>pointing game</th><th>border energy</th><th>concentration</th>"
         "<th>entropy</th><th>flagged images</th><th>residual (max)</th><th>verdict</th></tr>"
     )
@@ -225,7 +231,7 @@ def _class_table(audit: Mapping[str, Any]) -> str:
             f"<td>{_fmt(info['mask_area'])}</td><td>{_fmt(info['pointing_game'])}</td>"
             f"<td>{_fmt(info['border_energy'])}</td><td>{_fmt(info['concentration'])}</td>"
             f"<td>{_fmt(info['entropy'])}</td><td>{info['flagged_images']['any']}</td>"
-            f"<td>{_fmt(info['residual']['max'], 2) if info['residual']['count'] else '&ndash;'}"
+            f"<td>{_sci(info['residual']['max']) if info['residual']['count'] else '&ndash;'}"
             f"</td><td>{verdict}</td></tr>"
         )
     return f"<table>{head}{''.join(rows)}</table>"
@@ -330,7 +336,7 @@ def render_html(audit: Mapping[str, Any]) -> str:
         "<h2>Completeness residuals</h2>",
         (
             f"<p>Relative residual of FullGrad's completeness identity: mean "
-            f"{_fmt(residual.get('mean'), 2)}, max {_fmt(residual.get('max'), 2)}, "
+            f"{_sci(residual.get('mean'))}, max {_sci(residual.get('max'))}, "
             f"{residual.get('violations', 0)} above {settings['residual_tolerance']:g} "
             "(near zero for ReLU networks; large values mean the identity does not hold for this "
             "model, e.g. swish/GELU).</p>"

@@ -30,12 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--output", default="demo-output", help="folder for everything")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--train-images", type=int, default=1600)
+    parser.add_argument("--train-images", type=int, default=2400)
     parser.add_argument("--explain-images", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--shortcut-fraction", type=float, default=0.9,
+        "--shortcut-fraction",
+        type=float,
+        default=0.9,
         help="share of the shortcut class's images with the corner mark (0: control run)",
     )
 
@@ -43,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_demo(
     output: str,
     size: int = 64,
-    train_images: int = 1600,
+    train_images: int = 2400,
     explain_images: int = 200,
-    epochs: int = 10,
+    epochs: int = 5,
     seed: int = 0,
     shortcut_fraction: float = 0.9,
     extra: Sequence[str] = (),

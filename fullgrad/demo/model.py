@@ -6,7 +6,7 @@ has no offset and so keeps FullGrad's completeness exact) and outputs logits.
 
 Example:
     >>> model = build_model(size=64, classes=4)
-    >>> history = train(model, images, labels, epochs=6, seed=0)
+    >>> history = train(model, images, labels, epochs=5, seed=0)
     >>> model.save("model.keras")
 """
 
@@ -59,8 +59,8 @@ def train(
     model: keras.Model,
     images: np.ndarray,
     labels: np.ndarray,
-    epochs: int = 8,
-    batch_size: int = 32,
+    epochs: int = 5,
+    batch_size: int = 16,
     learning_rate: float = 3e-3,
     seed: int = 0,
     verbose: int = 0,
