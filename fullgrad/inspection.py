@@ -39,16 +39,12 @@ class ExposedModel:
     """What ``expose`` knows about the model it built.
 
     Attributes:
-        model: The exposed model: outputs ``[logits, *z_l]``, logits before any activation.
-        source: The model it was built from.
         logits_layer: The classifier layer of ``source``.
         layers: The bias layers of ``source``, in the order of the exposed outputs.
         biases: Their effective biases, float32 arrays of shape ``[channels]``.
         logits_bias: The classifier's bias, ``[num_classes]`` (zeros when it has none).
     """
 
-    model: keras.Model
-    source: keras.Model
     logits_layer: keras.layers.Layer
     layers: tuple[keras.layers.Layer, ...]
     biases: tuple[np.ndarray, ...]
@@ -329,9 +325,8 @@ def expose(
         if has_bias(logits_layer)
         else np.zeros([logits.shape[-1]], np.float32)
     )
+    # Weakly keyed and holding no reference to either model, so both can be collected.
     _EXPOSED[exposed] = ExposedModel(
-        model=exposed,
-        source=model,
         logits_layer=logits_layer,
         layers=tuple(intermediates),
         biases=tuple(effective_bias(layer) for layer in intermediates),

@@ -234,10 +234,10 @@ class FullGrad:
         """
         x = tf.convert_to_tensor(np.asarray(inputs, np.float32))
         y = _targets_tensor(targets, len(x), 1)
-        _, logits, targets, input_terms, bias_terms = self._gradients(x, y)
+        _, logits, targets, input_terms, bias_grads = self._gradients(x, y)
         logits, targets = logits[:, 0].numpy(), targets[:, 0].numpy()
         input_term = input_terms[0].numpy()
-        bias_terms = [term.numpy() for term in bias_terms[0]]
+        bias_terms = [(g * b).numpy() for g, b in zip(bias_grads[0], self._biases, strict=True)]
         logits_bias = self._logits_bias.numpy()[targets]
         sums = [_per_sample_sum(input_term), *[_per_sample_sum(t) for t in bias_terms]]
         reconstruction = np.sum(sums, axis=0) + logits_bias
@@ -274,9 +274,9 @@ class FullGrad:
         """One forward pass, then one backward pass per explained unit.
 
         Returns:
-            ``(all_logits [B,classes], logits [B,k], targets [B,k], input_terms, bias_terms)``:
-            ``input_terms[j]`` is ``x * grad_x`` for unit ``j`` and ``bias_terms[j][l]`` is
-            ``b_l * grad_{z_l}``.
+            ``(all_logits [B,classes], logits [B,k], targets [B,k], input_terms, bias_grads)``:
+            ``input_terms[j]`` is ``x * grad_x`` for unit ``j`` and ``bias_grads[j][l]`` is
+            ``grad_{z_l}``, the gradient at bias layer ``l``'s pre-activation output.
         """
         k = y.shape[1]
         with tf.GradientTape(persistent=k > 1, watch_accessed_variables=False) as tape:
@@ -287,7 +287,7 @@ class FullGrad:
             targets = tf.where(y < 0, top1, y)
             logits = tf.gather(all_logits, targets, batch_dims=1)
             unit_sums = [tf.reduce_sum(logits[:, j]) for j in range(k)]
-        input_terms, bias_terms = [], []
+        input_terms, bias_grads = [], []
         for unit_sum in unit_sums:
             grads = tape.gradient(
                 unit_sum,
@@ -295,29 +295,32 @@ class FullGrad:
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
             input_terms.append(x * grads[0])
-            bias_terms.append(
-                [tf.cast(g, tf.float32) * b for g, b in zip(grads[1:], self._biases, strict=True)]
-            )
-        return all_logits, logits, targets, input_terms, bias_terms
+            bias_grads.append([tf.cast(g, tf.float32) for g in grads[1:]])
+        return all_logits, logits, targets, input_terms, bias_grads
 
     def _step(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
-        all_logits, logits, targets, input_terms, bias_terms = self._gradients(x, y)
+        all_logits, logits, targets, input_terms, bias_grads = self._gradients(x, y)
         height, width = x.shape[1], x.shape[2]
-        maps, residuals = [], []
-        for input_term, terms in zip(input_terms, bias_terms):
+        spatial_rank = x.shape.rank
+        maps, unit_sums = [], []
+        for input_term, grads in zip(input_terms, bias_grads, strict=True):
             by_resolution: dict[tuple[int, int], tf.Tensor] = {}
-            self._add_term(by_resolution, input_term, x.shape.rank)
-            for term in terms:
-                self._add_term(by_resolution, term, x.shape.rank)
+            _accumulate(by_resolution, self._post_process(tf.abs(input_term)))
+            for grad, bias in zip(grads, self._biases, strict=True):
+                if grad.shape.rank == spatial_rank:  # dense terms: completeness, not the map
+                    _accumulate(by_resolution, self._post_process_bias(grad, bias))
             saliency = by_resolution.pop((height, width))
-            for size, partial in by_resolution.items():
+            for partial in by_resolution.values():
                 saliency += _resize_bilinear(partial, (height, width))
             maps.append(_minmax(saliency, axes=[1, 2]))
-            sums = [tf.reduce_sum(input_term, axis=[1, 2, 3])]
-            sums += [tf.reduce_sum(t, axis=list(range(1, t.shape.rank))) for t in terms]
-            residuals.append(tf.stack(sums, axis=1))
+            # sum(b * g) = sum_c b_c * sum_hw g_hwc: the bias terms are never materialised.
+            sums = [tf.reduce_sum(input_term, axis=list(range(1, spatial_rank)))]
+            for grad, bias in zip(grads, self._biases, strict=True):
+                per_channel = tf.reduce_sum(grad, axis=list(range(1, grad.shape.rank - 1)))
+                sums.append(tf.reduce_sum(per_channel * bias, axis=-1))
+            unit_sums.append(tf.stack(sums, axis=1))
         logits_bias = tf.gather(self._logits_bias, targets)
-        sums = tf.stack(residuals, axis=1)  # [B, k, terms]
+        sums = tf.stack(unit_sums, axis=1)  # [B, k, terms]
         reconstruction = tf.reduce_sum(sums, axis=-1) + logits_bias
         scale = tf.abs(logits) + tf.reduce_sum(tf.abs(sums), -1) + tf.abs(logits_bias) + 1e-12
         return {
@@ -328,17 +331,34 @@ class FullGrad:
             "residual": tf.abs(logits - reconstruction) / scale,
         }
 
-    def _add_term(self, by_resolution: dict, term: tf.Tensor, input_rank: int) -> None:
-        """Post-processes one spatial term and adds it to the sum at its resolution."""
-        if term.shape.rank != input_rank:  # dense terms count for completeness, not the map
-            return
+    def _post_process(self, magnitude: tf.Tensor) -> tf.Tensor:
+        """``sum_c minmax(|t|)`` of a term given as ``|t|`` ``[B, h, w, C]`` -> ``[B, h, w]``."""
         axes = [1, 2] if self.normalize_channels else [1, 2, 3]
-        channels_summed = tf.reduce_sum(_minmax(tf.abs(term), axes=axes), axis=-1)
-        size = (term.shape[1], term.shape[2])
-        if size in by_resolution:
-            by_resolution[size] = by_resolution[size] + channels_summed
-        else:
-            by_resolution[size] = channels_summed
+        return tf.reduce_sum(_minmax(magnitude, axes=axes), axis=-1)
+
+    def _post_process_bias(self, grad: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+        """``sum_c minmax(|b * g|)`` without materialising ``b * g`` when it can.
+
+        Since ``|b_c g_hwc| = |b_c| |g_hwc|`` with ``|b_c| >= 0``, the per-term minimum and
+        maximum come from per-channel minima and maxima of ``|g|``, and the channel sum is a
+        matrix product with ``|b|``: three reads of ``|g|`` instead of seven passes.
+        """
+        magnitude, weight = tf.abs(grad), tf.abs(bias)
+        if self.normalize_channels:
+            # Per channel a constant-gradient channel has a tiny range and a huge scale:
+            # subtract before scaling, elementwise, to avoid cancellation.
+            return self._post_process(magnitude * weight)
+        low = tf.reduce_min(tf.reduce_min(magnitude, axis=[1, 2]) * weight, axis=-1)
+        high = tf.reduce_max(tf.reduce_max(magnitude, axis=[1, 2]) * weight, axis=-1)
+        channels = tf.cast(tf.shape(grad)[-1], tf.float32)
+        summed = tf.tensordot(magnitude, weight, axes=[[3], [0]])
+        return (summed - channels * low[:, None, None]) / (high - low + _EPS)[:, None, None]
+
+
+def _accumulate(by_resolution: dict[tuple[int, int], tf.Tensor], partial: tf.Tensor) -> None:
+    """Adds a ``[B, h, w]`` partial map to the running sum at its resolution."""
+    size = (partial.shape[1], partial.shape[2])
+    by_resolution[size] = by_resolution[size] + partial if size in by_resolution else partial
 
 
 def _targets_tensor(targets: Any, batch: int, k: int) -> tf.Tensor:

@@ -1,0 +1,54 @@
+"""Smoke tests on keras.applications architectures (random weights, small inputs).
+
+Each reports its completeness residual; the piecewise-linear ones must be complete. EfficientNet
+has swish, sigmoid gates and Rescaling/Normalization offsets inside, so its residual is only
+reported.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import fullgrad as ke
+from tests.method.conftest import randomise
+
+#: name -> (input size, must be complete)
+APPLICATIONS = {
+    "Xception": (71, True),
+    "ResNet50": (32, True),
+    "ResNet50V2": (32, True),
+    "VGG16": (32, True),
+    "MobileNetV2": (32, True),
+    "EfficientNetB0": (32, False),
+    "DenseNet121": (32, True),
+    "InceptionV3": (75, True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(APPLICATIONS))
+def test_application_smoke(name, record_property, capsys):
+    size, complete = APPLICATIONS[name]
+    keras.utils.set_random_seed(0)
+    # Randomised biases and BN statistics: a freshly initialised MobileNetV2 or EfficientNet
+    # outputs logits of ~1e-12, whose maps are flat noise.
+    model = randomise(
+        getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=10)
+    )
+    x = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+    result = ke.FullGrad(model).compute(x)
+    assert result.maps.shape == (2, size, size, 1)
+    assert np.isfinite(result.maps).all()
+    np.testing.assert_allclose(result.maps.reshape(2, -1).max(axis=1), 1.0, atol=1e-4)
+    residual = float(result.residual.max())
+    record_property("completeness_residual", residual)
+    with capsys.disabled():
+        print(f"\n{name}: completeness residual {residual:.2e}")
+    assert np.isfinite(residual)
+    assert np.abs(result.logits).min() > 1e-3
+    if complete:
+        assert residual < 1e-4
+    else:
+        assert residual > 1e-4  # the identity does not hold for swish nets, and it shows

@@ -1,0 +1,94 @@
+"""The batched engine: same results whatever the batching or the input type, traced once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fullgrad as ke
+
+
+def _as(kind: str, x: np.ndarray, y: np.ndarray | None):
+    if kind == "numpy":
+        return x, y
+    if kind == "tensor":
+        return tf.constant(x), None if y is None else tf.constant(y)
+    if kind == "dataset":
+        if y is None:
+            return tf.data.Dataset.from_tensor_slices(x).batch(3), None
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(3), None
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor", "dataset"])
+@pytest.mark.parametrize("with_targets", [False, True])
+def test_every_input_type_gives_one_map_per_image(sequential_model, rng, kind, with_targets):
+    x = rng.uniform(-1, 1, (7, 20, 20, 3)).astype(np.float32)
+    y = rng.integers(0, 5, 7) if with_targets else None
+    engine = ke.FullGrad(sequential_model)
+    expected = engine.explain(x, y, batch_size=None)
+    inputs, targets = _as(kind, x, y)
+    maps = engine.explain(inputs, targets)
+    assert maps.shape == (7, 20, 20)
+    np.testing.assert_allclose(maps, expected, atol=1e-6)
+
+
+def test_batched_equals_unbatched(sequential_model, rng):
+    x = rng.uniform(-1, 1, (9, 20, 20, 3)).astype(np.float32)
+    engine = ke.FullGrad(sequential_model)
+    whole = engine.compute(x)
+    one_by_one = [engine.compute(x[i : i + 1]) for i in range(9)]
+    np.testing.assert_allclose(whole.maps, np.concatenate([r.maps for r in one_by_one]), atol=1e-6)
+    np.testing.assert_allclose(
+        whole.logits, np.concatenate([r.logits for r in one_by_one]), rtol=1e-6
+    )
+    np.testing.assert_array_equal(
+        whole.targets, np.concatenate([r.targets for r in one_by_one])
+    )
+    for size in (2, 4):
+        np.testing.assert_allclose(engine.compute(x, batch_size=size).maps, whole.maps, atol=1e-6)
+
+
+def test_result_fields(sequential_model, rng):
+    x = rng.uniform(-1, 1, (4, 20, 20, 3)).astype(np.float32)
+    result = ke.FullGrad(sequential_model).compute(x)
+    all_logits = ke.FullGrad(sequential_model).model(x)[0].numpy()
+    np.testing.assert_allclose(result.all_logits, all_logits, rtol=1e-5)
+    np.testing.assert_array_equal(result.targets[:, 0], all_logits.argmax(axis=1))
+    assert result.residual.shape == (4, 1) and result.residual.max() < 1e-4
+    np.testing.assert_allclose(result.residual[:, 0], ke.decompose(sequential_model, x).residual,
+                               atol=1e-5)
+
+
+def test_traced_once_per_input_shape(sequential_model, rng):
+    engine = ke.FullGrad(sequential_model)
+    for batch in (1, 3, 5, 2):
+        engine.compute(rng.uniform(size=(batch, 20, 20, 3)).astype(np.float32))
+    (step,) = engine._steps.values()
+    assert step.experimental_get_tracing_count() == 1
+
+
+def test_full_gradients_reuses_its_engine(sequential_model, rng):
+    x = rng.uniform(size=(2, 20, 20, 3)).astype(np.float32)
+    ke.full_gradients(sequential_model, x)
+    engines = ke.methods._ENGINES[sequential_model]
+    count = len(engines)
+    ke.full_gradients(sequential_model, x)
+    assert len(ke.methods._ENGINES[sequential_model]) == count
+
+
+def test_jit_compile_gives_the_same_maps(sequential_model, rng):
+    x = rng.uniform(-1, 1, (3, 20, 20, 3)).astype(np.float32)
+    plain = ke.FullGrad(sequential_model).explain(x)
+    compiled = ke.FullGrad(sequential_model, jit_compile=True).explain(x)
+    np.testing.assert_allclose(compiled, plain, atol=1e-4)
+
+
+def test_exposed_model_without_biases_is_a_clear_error(sequential_model):
+    import keras
+
+    outputs = [sequential_model.outputs[0], sequential_model.layers[0].output]
+    hand_exposed = keras.Model(sequential_model.inputs, outputs)
+    with pytest.raises(ValueError, match="biases="):
+        ke.FullGrad(hand_exposed)

@@ -1,0 +1,80 @@
+"""load_model: Keras files, keras.applications names, and clear errors that name the path."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import fullgrad
+from fullgrad.models import ModelLoadError
+
+
+def _tiny() -> keras.Model:
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(2, 3, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_round_trip(tmp_path, suffix):
+    model = _tiny()
+    path = tmp_path / f"model{suffix}"
+    model.save(path)
+    loaded = fullgrad.load_model(str(path))
+    x = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6)
+    assert fullgrad.FullGrad(loaded).explain(x).shape == (2, 8, 8)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "nowhere" / "model.keras"
+    with pytest.raises(FileNotFoundError, match=str(path)):
+        fullgrad.load_model(str(path))
+
+
+def test_corrupt_file_names_the_path(tmp_path):
+    path = tmp_path / "broken.keras"
+    path.write_bytes(b"this is not a zip archive")
+    with pytest.raises(ModelLoadError, match=str(path)):
+        fullgrad.load_model(str(path))
+
+
+def test_unsafe_file_is_refused_unless_trusted(tmp_path):
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(ModelLoadError, match="safe_mode") as error:
+        fullgrad.load_model(str(path))
+    assert str(path) in str(error.value)
+    trusted = fullgrad.load_model(str(path), safe_mode=False)
+    np.testing.assert_allclose(trusted(np.ones((1, 4), np.float32)).numpy(), 2.0)
+
+
+def test_application_with_weights_file(tmp_path):
+    source = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=4)
+    weights = tmp_path / "mobilenet.weights.h5"
+    source.save_weights(weights)
+    model = fullgrad.load_model(
+        "mobilenetv2", weights=str(weights), input_shape=(32, 32, 3), classes=4
+    )
+    x = np.random.default_rng(1).random((1, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(model(x).numpy(), source(x).numpy(), rtol=1e-5)
+
+
+def test_unknown_spec_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="neither"):
+        fullgrad.load_model("NotAnArchitecture")
+
+
+def test_imagenet_weights_offline_say_so(tmp_path, monkeypatch):
+    # Keras downloads with urllib, which honours the proxy variables: point them nowhere.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(ModelLoadError, match="offline"):
+        fullgrad.load_model("MobileNetV2", weights="imagenet", input_shape=(96, 96, 3))
