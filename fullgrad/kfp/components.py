@@ -96,7 +96,7 @@ def explain(
         worker_accelerator: Dataflow: GPU type on the workers, e.g. ``nvidia-tesla-t4``.
         worker_accelerator_count: Dataflow: GPUs per worker.
         machine_type: Dataflow: worker machine type, e.g. ``n1-standard-8``.
-        sdk_container_image: The workers' image for a non-local runner (this project's image).
+        sdk_container_image: Dataflow: the workers' image (this project's image).
         extra_args: More ``fullgrad run`` flags or Beam pipeline options, one per item.
     """
     from fullgrad.kfp.tasks import run_explain

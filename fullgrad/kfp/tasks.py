@@ -199,8 +199,7 @@ def beam_runner_args(
             empty for CPU workers.
         worker_accelerator_count: GPUs per Dataflow worker.
         machine_type: Dataflow worker machine type.
-        sdk_container_image: The workers' image (this project's image), for any runner but
-            the local one.
+        sdk_container_image: The Dataflow workers' image (this project's image).
 
     Returns:
         The flags, in Beam's spelling.
@@ -230,10 +229,9 @@ def beam_runner_args(
         given = sorted(name for name, value in dataflow_only.items() if value)
         if given:
             raise ValueError(f"{given} only apply to runner=DataflowRunner, not {runner!r}")
-        # Portable runners (Flink, Spark) start their SDK workers from this image too.
-        return args + (
-            [f"--sdk_container_image={sdk_container_image}"] if sdk_container_image else []
-        )
+        # Portable runners (Flink, Spark) choose their workers' environment with
+        # --environment_type/--environment_config, which go in extra_args.
+        return args
     missing = [n for n in ("project", "region", "temp_location") if not dataflow_only[n]]
     if missing:
         raise ValueError(f"runner=DataflowRunner needs {missing}")

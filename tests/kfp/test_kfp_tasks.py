@@ -33,9 +33,9 @@ def local(path: Path) -> Artifact:
 def test_local_runner_needs_no_flags_and_refuses_dataflow_settings():
     assert beam_runner_args("local") == []
     assert beam_runner_args("FlinkRunner") == ["--runner=FlinkRunner"]
+    # Portable runners take their image as --environment_config, through extra_args.
     assert beam_runner_args("FlinkRunner", sdk_container_image="reg/fullgrad:1") == [
-        "--runner=FlinkRunner",
-        "--sdk_container_image=reg/fullgrad:1",
+        "--runner=FlinkRunner"
     ]
     with pytest.raises(ValueError, match=r"\['project', 'worker_accelerator'\] only apply"):
         beam_runner_args("local", project="p", worker_accelerator="nvidia-l4")
