@@ -334,6 +334,8 @@ def run_explain(
         "--preprocess", preprocess,
         "--target", str(target),
         "--batch-size", str(batch_size),
+        # The folder is this task's own artifact: a retried task replaces its partial output.
+        "--overwrite",
         *runner_args,
         *extra_args,
     ]  # fmt: skip
