@@ -68,6 +68,7 @@ OWNED_OUTPUTS = (
     "counts.json",
     "overlays",
     "audit*",
+    "report.html",
     "beam-temp-*",
 )
 
