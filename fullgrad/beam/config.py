@@ -85,6 +85,8 @@ class JobConfig:
             (Beam's ``model_copies``); one per process when None.
         large_model: Share one model across the processes of a machine (Beam's ``large_model``).
         num_classes: The model's class count, filled in by the job's model check.
+        audit_options: Keyword arguments of ``fullgrad.audit.transforms.AuditSettings`` (the
+            audit's thresholds and the per-image statistics written as map columns).
     """
 
     input: str
@@ -113,6 +115,7 @@ class JobConfig:
     model_copies: int | None = None
     large_model: bool = False
     num_classes: int | None = None
+    audit_options: dict = dataclasses.field(default_factory=dict)
 
     def resolved_format(self) -> str:
         """``parquet`` or ``tfrecord``: the ``format`` field, else the input's extension.

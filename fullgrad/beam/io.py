@@ -45,6 +45,7 @@ from fullgrad.beam.config import Columns, JobConfig
 from fullgrad.images import encode_png
 
 __all__ = [
+    "AUDIT_COLUMNS",
     "DEAD_LETTER_PREFIX",
     "DEAD_LETTER_SCHEMA",
     "MAPS_PREFIX",
@@ -323,6 +324,8 @@ def maps_schema(map_size: int, map_dtype: str) -> pa.Schema:
             ("map", tensor),
             ("thumbnail", pa.binary()),
             ("mask", pa.binary()),
+            # Per-image audit statistics (fullgrad.audit.stats); null when not computed.
+            *((name, pa.float32()) for name in AUDIT_COLUMNS),
         ],
         metadata={"fullgrad.map_dtype": map_dtype, "fullgrad.map_scale": scale},
     )
@@ -332,6 +335,18 @@ def _cast_maps(maps: np.ndarray, map_dtype: str) -> np.ndarray:
     if map_dtype == "uint8":
         return np.round(np.clip(maps, 0.0, 1.0) * 255.0).astype(np.uint8)
     return maps.astype(map_dtype)
+
+
+#: The per-image audit statistics stored as columns of ``maps-*.parquet``.
+AUDIT_COLUMNS = ("concentration", "entropy", "border_energy", "mask_energy", "pointing_hit",
+                 "mask_area")
+
+
+def _statistic(value: Any) -> float | None:
+    """A statistic as a Parquet value: NaN (no mask) and absent become null."""
+    if value is None or not np.isfinite(value):
+        return None
+    return float(value)
 
 
 def records_to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
@@ -367,6 +382,10 @@ def records_to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
             [None if r.get("mask") is None else encode_png(r["mask"]) for r in records],
             pa.binary(),
         ),
+        **{
+            name: pa.array([_statistic(r.get(name)) for r in records], pa.float32())
+            for name in AUDIT_COLUMNS
+        },
     }
     return pa.Table.from_pydict(columns, schema=schema)
 

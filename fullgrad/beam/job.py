@@ -71,6 +71,7 @@ OWNED_OUTPUTS = (
     "counts.json",
     "overlays",
     "audit*",
+    "report.html",
     "beam-temp-*",
 )
 
@@ -147,6 +148,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--progress-every", type=int, default=1000,
                      help="log a progress line every N images per worker (0: never)")
     add_dask_arguments(parser)
+    from fullgrad.audit.settings import add_settings_arguments
+
+    add_settings_arguments(
+        parser.add_argument_group("audit settings (per-image statistics; flags with --audit)"),
+        prefix="audit-",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -184,7 +191,15 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         progress_every=args.progress_every,
         model_copies=args.model_copies,
         large_model=args.large_model,
+        audit_options=_audit_options(args),
     )
+
+
+def _audit_options(args: argparse.Namespace) -> dict:
+    """The ``--audit-*`` flags as ``AuditSettings`` keywords (JSON-ready, for the summary)."""
+    from fullgrad.audit.settings import settings_from_args
+
+    return settings_from_args(args, prefix="audit-").as_dict()
 
 
 def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -399,9 +414,14 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
+    from fullgrad.audit.transforms import with_statistics
     from fullgrad.beam import io
 
-    explained, dead = outputs.explained, outputs.dead_letters
+    # Per-image audit statistics become columns of the maps (and are reused by the audit).
+    explained = outputs.explained | "Statistics" >> beam.Map(
+        with_statistics, _audit_settings(config)
+    )
+    dead = outputs.dead_letters
     _ = explained | "WriteMaps" >> io.WriteMaps(config)
     _ = dead | "WriteDeadLetters" >> io.WriteDeadLetters(config.output)
     if config.write_tfrecord:

@@ -346,6 +346,7 @@ def test_reruns_refuse_or_replace_but_never_mix(tmp_path, model_path):
     first = config(tmp_path, model_path, id_column="key", image_column="png", overlays=2)
     assert job.run(first)["explained"] == 5
     (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "report.html").write_text("an earlier run's audit report")
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
 
     with pytest.raises(job.JobError, match="already holds a run's outputs.*--overwrite"):
@@ -361,6 +362,7 @@ def test_reruns_refuse_or_replace_but_never_mix(tmp_path, model_path):
     assert maps.column("id").to_pylist() == ["new-0", "new-1"] and dead.num_rows == 0
     assert summary["input"] == 2
     assert not (tmp_path / "out" / "overlays").exists()  # the first run's overlays are gone
+    assert not (tmp_path / "out" / "report.html").exists()  # and its audit report
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # not ours: kept
 
 

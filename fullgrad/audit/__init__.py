@@ -1,0 +1,14 @@
+"""The dataset-wide attribution audit: where a model looks, per class, and which images look
+like shortcuts.
+
+- :mod:`fullgrad.audit.stats`: per-image statistics of a map (pure numpy);
+- :mod:`fullgrad.audit.settings`: :class:`AuditSettings`, every threshold with its default;
+- :mod:`fullgrad.audit.transforms`: the Beam combiners and ``ComputeAudit``;
+- :mod:`fullgrad.audit.report`: ``write_audit`` -> ``audit.json`` and ``report.html``;
+- :mod:`fullgrad.audit.command`: ``fullgrad audit --maps DIR``.
+
+Example:
+    >>> from fullgrad.audit.transforms import AuditSettings, ComputeAudit
+    >>> from fullgrad.audit.report import write_audit
+    >>> explained | ComputeAudit(AuditSettings()) | beam.Map(write_audit, "out/")
+"""

@@ -1,0 +1,139 @@
+"""The audit's settings: one frozen dataclass, and its command-line flags.
+
+Kept apart from the Beam transforms so that a command line (``fullgrad run``, ``fullgrad
+audit``) can offer the audit's options without importing Beam.
+
+Example:
+    >>> settings = AuditSettings(image_mask_energy_min=0.3)
+    >>> add_settings_arguments(parser, prefix="audit-")   # --audit-image-mask-energy-min ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from fullgrad.audit.stats import StatisticsOptions
+
+__all__ = ["AuditSettings", "add_settings_arguments", "settings_from_args"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditSettings:
+    """Every option of the audit, with its default; written into ``audit.json``.
+
+    Attributes:
+        top_fraction: Share of brightest pixels whose mass is the concentration.
+        border_fraction: Width of the border band as a share of the map's shorter side.
+        pointing_tolerance: Mask dilation (map pixels) for the pointing game.
+        floor_quantile: Map quantile subtracted before border and mask energy (see ``stats``).
+        image_mask_energy_min: An image is ``off_object`` below this mask energy.
+        image_border_energy_max: An image is ``on_border`` above this border energy.
+        class_mask_energy_ratio: A class is ``off_object`` when its mean mask energy is below
+            this times the median of the other classes' means.
+        class_border_energy_ratio: A class is ``on_border`` when its mean border energy is above
+            this times the median of the other classes' means.
+        class_flagged_share: A class is flagged when more than this share of its images are.
+        min_class_count: Classes with fewer images are reported but never flagged.
+        bins: Histogram bins over [0, 1] for every statistic.
+        examples: Images kept (with thumbnail and map) per example list, for the report.
+        max_flagged_ids: Flagged images listed by id in ``audit.json`` (the worst first).
+        residual_tolerance: Completeness residuals above this are counted as violations.
+        class_names: Optional display names, indexed by class.
+
+    Example:
+        >>> AuditSettings(image_mask_energy_min=0.3, examples=4)
+    """
+
+    top_fraction: float = 0.05
+    border_fraction: float = 0.1
+    pointing_tolerance: int = 1
+    floor_quantile: float = 0.8
+    image_mask_energy_min: float = 0.25
+    image_border_energy_max: float = 0.5
+    class_mask_energy_ratio: float = 0.7
+    class_border_energy_ratio: float = 2.0
+    class_flagged_share: float = 0.5
+    min_class_count: int = 5
+    bins: int = 20
+    examples: int = 8
+    max_flagged_ids: int = 1000
+    residual_tolerance: float = 1e-3
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _ = self.statistics_options  # validates the measuring options early
+        for name in ("image_mask_energy_min", "image_border_energy_max", "class_flagged_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("class_mask_energy_ratio", "class_border_energy_ratio"):
+            if getattr(self, name) <= 0.0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.bins < 1 or self.examples < 0 or self.max_flagged_ids < 0:
+            raise ValueError("bins must be >= 1, examples and max_flagged_ids >= 0")
+
+    @classmethod
+    def from_config(cls, config: Any) -> AuditSettings:
+        """The settings of a Beam job: its ``JobConfig.audit_options``, else the defaults.
+
+        Example:
+            >>> AuditSettings.from_config(JobConfig(..., audit_options={"examples": 4}))
+        """
+        options = dict(getattr(config, "audit_options", None) or {})
+        if options.get("class_names") is not None:
+            options["class_names"] = tuple(options["class_names"])
+        return cls(**options)
+
+    @property
+    def statistics_options(self) -> StatisticsOptions:
+        """The per-image measuring options."""
+        return StatisticsOptions(
+            self.top_fraction, self.border_fraction, self.pointing_tolerance, self.floor_quantile
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready settings."""
+        out = dataclasses.asdict(self)
+        out["class_names"] = list(self.class_names) if self.class_names else None
+        return out
+
+    def class_name(self, target: int) -> str:
+        """Display name of a class."""
+        if self.class_names and 0 <= target < len(self.class_names):
+            return f"{target} ({self.class_names[target]})"
+        return str(target)
+
+
+_TYPES = {"float": float, "int": int}
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser | Any, prefix: str = "") -> None:
+    """Adds one ``--{prefix}{field}`` flag per :class:`AuditSettings` field, with its default.
+
+    Example:
+        >>> add_settings_arguments(parser.add_argument_group("audit"), prefix="audit-")
+    """
+    defaults = AuditSettings()
+    for field in dataclasses.fields(AuditSettings):
+        flag = f"--{prefix}{field.name.replace('_', '-')}"
+        dest = f"{prefix.replace('-', '_')}{field.name}"
+        if field.name == "class_names":
+            parser.add_argument(flag, dest=dest, help="comma-separated names, by class index")
+            continue
+        parser.add_argument(
+            flag, dest=dest, type=_TYPES[str(field.type)], default=getattr(defaults, field.name)
+        )
+
+
+def settings_from_args(args: argparse.Namespace, prefix: str = "") -> AuditSettings:
+    """The :class:`AuditSettings` of flags added by :func:`add_settings_arguments`.
+
+    Example:
+        >>> settings_from_args(parser.parse_args(["--examples", "4"])).examples
+        4
+    """
+    dest = prefix.replace("-", "_")
+    values = {f.name: getattr(args, dest + f.name) for f in dataclasses.fields(AuditSettings)}
+    names = values.pop("class_names")
+    return AuditSettings(**values, class_names=tuple(names.split(",")) if names else None)

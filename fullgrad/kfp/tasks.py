@@ -1,0 +1,509 @@
+"""What the Kubeflow tasks do, as plain Python over the library.
+
+A component body is one call into this module, so the work done in a pod is ``fullgrad``'s own
+code (the Beam job, the audit), and this logic is tested without a cluster. Artifacts are
+duck-typed: anything with ``.path``, ``.uri`` and ``.metadata`` (and ``log_metric`` for
+metrics), which is what kfp hands a component at run time.
+
+Where the data lives: with the local runner the job runs inside the pod and reads the
+artifacts' local paths (``/gcs/...`` on Vertex AI, the launcher's copies on Kubeflow, plain
+files under ``kfp.local``). Any other runner (Dataflow, Flink, ...) has workers that cannot see
+the pod's disk, so it gets the artifacts' URIs (``gs://``, ``s3://``), which Beam's file systems
+read.
+
+Example:
+    >>> beam_runner_args("DataflowRunner", project="p", region="europe-west4",
+    ...                  temp_location="gs://b/tmp", worker_accelerator="nvidia-tesla-t4")[:2]
+    ['--runner=DataflowRunner', '--project=p']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+__all__ = [
+    "LOCAL_RUNNERS",
+    "artifact_location",
+    "audit_markdown",
+    "audit_metrics",
+    "beam_runner_args",
+    "dataset_input",
+    "model_file",
+    "run_audit",
+    "run_explain",
+]
+
+_LOG = logging.getLogger(__name__)
+
+#: Runner values that run the job inside the pod, on its local paths.
+LOCAL_RUNNERS = frozenset({"", "local", "DirectRunner", "PrismRunner"})
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_MODEL_SUFFIXES = (".keras", ".h5")
+
+
+class _Artifact(Protocol):
+    path: str
+    uri: str
+    metadata: dict
+
+
+def is_local_runner(runner: str) -> bool:
+    """Whether ``runner`` runs the job in the pod (so it reads local paths)."""
+    return runner in LOCAL_RUNNERS
+
+
+def artifact_location(artifact: _Artifact, local: bool) -> str:
+    """Where the job should read or write ``artifact``: its local path or its URI.
+
+    Args:
+        artifact: A kfp artifact.
+        local: True for the local runner (in the pod), False for a distributed runner.
+
+    Returns:
+        ``artifact.path`` when local, else ``artifact.uri``.
+
+    Raises:
+        ValueError: A distributed runner but the URI is a local path, which remote workers
+            cannot read (e.g. ``kfp.local`` with ``runner=DataflowRunner``).
+
+    Example:
+        >>> artifact_location(model, local=False)
+        'gs://bucket/models/model.keras'
+    """
+    if local:
+        return artifact.path
+    if "://" not in artifact.uri:
+        raise ValueError(
+            f"a distributed runner needs artifacts in a bucket (gs://, s3://), "
+            f"but this one is the local path {artifact.uri!r}"
+        )
+    return artifact.uri
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
+
+
+def dataset_input(images: _Artifact, local: bool, input_format: str = "") -> tuple[str, str]:
+    """The ``--input`` glob and ``--format`` for a dataset artifact.
+
+    The artifact is a Parquet/TFRecord file, or a folder of them (what an importer of
+    ``gs://bucket/data/`` gives). The folder is inspected through its local path, which
+    exists in the pod; the glob is then built on the URI for a distributed runner.
+
+    Args:
+        images: The dataset artifact.
+        local: True for the local runner.
+        input_format: ``parquet``, ``tfrecord``, or empty to tell from the files' names.
+
+    Returns:
+        ``(glob, format)``.
+
+    Raises:
+        FileNotFoundError: The artifact's path does not exist.
+        ValueError: A folder with no Parquet/TFRecord file, or an unknown ``input_format``.
+
+    Example:
+        >>> dataset_input(images, local=True)
+        ('/data/images/*.parquet', 'parquet')
+    """
+    if input_format not in ("", "parquet", "tfrecord"):
+        raise ValueError(f"input_format must be parquet, tfrecord or empty, got {input_format!r}")
+    path = images.path
+    base = artifact_location(images, local)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset artifact not found at {path!r} (URI {images.uri!r})")
+    if not os.path.isdir(path):
+        fmt = input_format or _format_of(os.path.basename(path))
+        if fmt is None:
+            raise ValueError(
+                f"cannot tell the format of {path!r}; set input_format to parquet or tfrecord"
+            )
+        return base, fmt
+    names = sorted(os.listdir(path))
+    found = {fmt for fmt in map(_format_of, names) if fmt}
+    if input_format:
+        fmt = input_format
+    elif len(found) == 1:
+        fmt = found.pop()
+    elif not found:
+        raise ValueError(f"no Parquet or TFRecord files in the dataset folder {path!r}")
+    else:
+        raise ValueError(
+            f"the dataset folder {path!r} holds both Parquet and TFRecord files; set input_format"
+        )
+    pattern = "*.parquet" if fmt == "parquet" else "*.tfrecord*"
+    if fmt == "parquet" and not any(n.endswith(".parquet") for n in names):
+        pattern = "*.pq"
+    return _join(base, pattern), fmt
+
+
+def _format_of(name: str) -> str | None:
+    lower = name.lower()
+    if lower.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
+    if ".tfrecord" in lower or lower.endswith(".tfr"):
+        return "tfrecord"
+    return None
+
+
+def model_file(model: _Artifact, local: bool) -> str:
+    """The ``--model`` path for a model artifact: the file, or the one model file in a folder.
+
+    Raises:
+        FileNotFoundError: The artifact's path does not exist, or the folder holds no model.
+        ValueError: The folder holds several ``.keras``/``.h5`` files.
+
+    Example:
+        >>> model_file(model, local=True)
+        '/models/classifier.keras'
+    """
+    path = model.path
+    base = artifact_location(model, local)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model artifact not found at {path!r} (URI {model.uri!r})")
+    if not os.path.isdir(path):
+        return base
+    candidates = sorted(n for n in os.listdir(path) if n.lower().endswith(_MODEL_SUFFIXES))
+    if not candidates:
+        raise FileNotFoundError(f"no .keras or .h5 file in the model folder {path!r}")
+    if len(candidates) > 1:
+        raise ValueError(f"several model files in {path!r}: {candidates}; import one file")
+    return _join(base, candidates[0])
+
+
+def beam_runner_args(
+    runner: str,
+    *,
+    project: str = "",
+    region: str = "",
+    temp_location: str = "",
+    worker_accelerator: str = "",
+    worker_accelerator_count: int = 1,
+    machine_type: str = "",
+    sdk_container_image: str = "",
+) -> list[str]:
+    """Beam pipeline options for the explain task's runner settings.
+
+    Args:
+        runner: ``local`` (the job's pinned local runner, no flag) or a Beam runner name.
+        project, region, temp_location: Dataflow's required settings.
+        worker_accelerator: Dataflow GPU type (``nvidia-tesla-t4``, ``nvidia-l4``, ...);
+            empty for CPU workers.
+        worker_accelerator_count: GPUs per Dataflow worker.
+        machine_type: Dataflow worker machine type.
+        sdk_container_image: The Dataflow workers' image (this project's image).
+
+    Returns:
+        The flags, in Beam's spelling.
+
+    Raises:
+        ValueError: Dataflow without project/region/temp_location, or Dataflow-only settings
+            given to another runner (they would be silently ignored otherwise).
+
+    Example:
+        >>> beam_runner_args("local")
+        []
+    """
+    dataflow_only = {
+        "project": project,
+        "region": region,
+        "temp_location": temp_location,
+        "worker_accelerator": worker_accelerator,
+        "machine_type": machine_type,
+    }
+    if runner in ("", "local"):
+        given = sorted(name for name, value in dataflow_only.items() if value)
+        if given:
+            raise ValueError(f"{given} only apply to runner=DataflowRunner, not {runner!r}")
+        return []
+    args = [f"--runner={runner}"]
+    if runner != "DataflowRunner":
+        given = sorted(name for name, value in dataflow_only.items() if value)
+        if given:
+            raise ValueError(f"{given} only apply to runner=DataflowRunner, not {runner!r}")
+        # Portable runners (Flink, Spark) choose their workers' environment with
+        # --environment_type/--environment_config, which go in extra_args.
+        return args
+    missing = [n for n in ("project", "region", "temp_location") if not dataflow_only[n]]
+    if missing:
+        raise ValueError(f"runner=DataflowRunner needs {missing}")
+    args += [f"--project={project}", f"--region={region}", f"--temp_location={temp_location}"]
+    if machine_type:
+        args.append(f"--machine_type={machine_type}")
+    if sdk_container_image:
+        # The image already holds this Beam SDK; staging another copy would only slow startup.
+        args += [f"--sdk_container_image={sdk_container_image}", "--sdk_location=container"]
+    if worker_accelerator:
+        if worker_accelerator_count < 1:
+            raise ValueError("worker_accelerator_count must be >= 1")
+        # Dataflow's GPU syntax; the driver install is what a stock worker VM lacks.
+        args.append(
+            "--dataflow_service_options=worker_accelerator="
+            f"type:{worker_accelerator};count:{worker_accelerator_count};install-nvidia-driver"
+        )
+    return args
+
+
+def _move_matching(source_dir: str, prefix: str, target_dir: str) -> list[str]:
+    """Moves ``source_dir/prefix*`` into ``target_dir`` (local or remote); returns new paths."""
+    from apache_beam.io.filesystems import FileSystems
+
+    matches = FileSystems.match([_join(source_dir, prefix + "*")])[0].metadata_list
+    sources = sorted(m.path for m in matches)
+    if not sources:
+        return []
+    if "://" not in target_dir:
+        os.makedirs(target_dir, exist_ok=True)
+    targets = [_join(target_dir, s.rstrip("/").rsplit("/", 1)[-1]) for s in sources]
+    FileSystems.rename(sources, targets)
+    return targets
+
+
+def run_explain(
+    *,
+    images: _Artifact,
+    model: _Artifact,
+    maps: _Artifact,
+    dead_letters: _Artifact,
+    counts: Any,
+    image_size: int,
+    preprocess: str,
+    target: str,
+    batch_size: int,
+    input_format: str = "",
+    runner: str = "local",
+    project: str = "",
+    region: str = "",
+    temp_location: str = "",
+    worker_accelerator: str = "",
+    worker_accelerator_count: int = 1,
+    machine_type: str = "",
+    sdk_container_image: str = "",
+    extra_args: Sequence[str] = (),
+) -> dict[str, float]:
+    """The explain task: runs the ``fullgrad run`` job and files its outputs into the artifacts.
+
+    The flags are parsed by the job's own parser (so ``extra_args`` takes any ``fullgrad run``
+    flag, and what it does not know goes to Beam's ``PipelineOptions``), then
+    ``fullgrad.beam.job.run`` runs the pipeline. The maps folder gets the job's whole output
+    (maps Parquet, ``summary.json``, overlays); the dead letters are moved from it into
+    ``dead_letters``; ``counts`` gets the summary's numbers. The task fails when the job does,
+    or when ``input != explained + failed``.
+
+    Returns:
+        The metrics logged.
+
+    Example:
+        >>> run_explain(images=images, model=model, maps=maps, dead_letters=dead,
+        ...             counts=counts, image_size=32, preprocess="unit",
+        ...             target="predicted", batch_size=8)
+        {'input': 6.0, 'explained': 5.0, 'failed': 1.0, ...}
+    """
+    import argparse
+
+    from fullgrad.beam import job
+
+    local = is_local_runner(runner)
+    runner_args = beam_runner_args(
+        runner,
+        project=project,
+        region=region,
+        temp_location=temp_location,
+        worker_accelerator=worker_accelerator,
+        worker_accelerator_count=worker_accelerator_count,
+        machine_type=machine_type,
+        sdk_container_image=sdk_container_image if not local else "",
+    )
+    glob, fmt = dataset_input(images, local, input_format)
+    output = artifact_location(maps, local)
+    dead_output = artifact_location(dead_letters, local)
+    argv = [
+        "--input", glob,
+        "--format", fmt,
+        "--model", model_file(model, local),
+        "--output", output,
+        "--image-size", str(image_size),
+        "--preprocess", preprocess,
+        "--target", str(target),
+        "--batch-size", str(batch_size),
+        # The folder is this task's own artifact: a retried task replaces its partial output.
+        "--overwrite",
+        *runner_args,
+        *extra_args,
+    ]  # fmt: skip
+    _LOG.info("fullgrad run %s", " ".join(argv))
+    parser = argparse.ArgumentParser(prog="fullgrad run (explain task)")
+    job.add_arguments(parser)
+    args, beam_args = parser.parse_known_args(argv)
+    summary = job.run(job.config_from_args(args), beam_args)
+
+    moved = _move_matching(output, "dead_letter", dead_output)
+    if local and not moved:
+        os.makedirs(dead_output, exist_ok=True)
+    values = {"input": float(summary["input"]), "explained": float(summary["explained"])}
+    values["failed"] = float(summary["failed"])
+    if values["input"] != values["explained"] + values["failed"]:
+        raise RuntimeError(f"records lost: input != explained + failed in {summary}")
+    for stage, count in sorted((summary.get("failed_by_stage") or {}).items()):
+        values[f"failed_{stage}"] = float(count)
+    for key, name in (("wall_time_s", "wall_time_s"), ("images_per_s", "images_per_s")):
+        if isinstance(summary.get(key), (int, float)):
+            values[name] = float(summary[key])
+    for key, value in values.items():
+        counts.log_metric(key, value)
+    maps.metadata.update({"format": "parquet", "images": int(values["explained"])})
+    dead_letters.metadata.update({"format": "parquet", "records": int(values["failed"])})
+    return values
+
+
+def _by_class(audit: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``audit["classes"]`` items in class order (numeric ids numerically: 2 before 10)."""
+    items = [(str(k), v) for k, v in audit.get("classes", {}).items()]
+    return sorted(items, key=lambda kv: (not kv[0].isdigit(), kv[0].zfill(12)))
+
+
+def audit_metrics(audit: Mapping[str, Any]) -> dict[str, float]:
+    """The audit's headline numbers as flat metric names (KFP shows one number per name).
+
+    ``mask_energy_class_<class>`` and ``border_energy_class_<class>`` where known,
+    ``flagged_classes`` and ``flagged_images`` (how many).
+
+    Example:
+        >>> audit_metrics({"classes": {"3": {"mask_energy": 0.2}}, "flagged_classes": ["3"],
+        ...                "flagged_images": []})
+        {'mask_energy_class_3': 0.2, 'flagged_classes': 1.0, 'flagged_images': 0.0}
+    """
+    values: dict[str, float] = {}
+    for label, stats in _by_class(audit):
+        for key in ("mask_energy", "border_energy"):
+            value = _scalar(stats.get(key))
+            if value is not None:
+                values[f"{key}_class_{label}"] = value
+    values["flagged_classes"] = float(len(audit.get("flagged_classes", [])))
+    # audit.json lists a capped number of flagged images; the total is kept beside the list.
+    total = audit.get("flagged_images_total")
+    values["flagged_images"] = float(
+        total if isinstance(total, int) else len(audit.get("flagged_images", []))
+    )
+    if isinstance(audit.get("images"), int):
+        values["images"] = float(audit["images"])
+    return values
+
+
+def _scalar(value: Any) -> float | None:
+    """A statistic as one number: itself, or its ``mean`` when it is a summary dict."""
+    if isinstance(value, Mapping):
+        value = value.get("mean")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        return float(value)
+    return None
+
+
+def audit_markdown(audit: Mapping[str, Any]) -> str:
+    """A short Markdown summary of the audit for the KFP UI: a table per class, the flags.
+
+    Example:
+        >>> print(audit_markdown({"classes": {"0": {"count": 4, "mask_energy": 0.8}},
+        ...                       "flagged_classes": []}))
+        # FullGrad audit
+        ...
+    """
+    flagged = {str(c) for c in audit.get("flagged_classes", [])}
+    lines = [
+        "# FullGrad audit",
+        "",
+        "| class | images | mask energy | border energy | concentration | flagged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, stats in _by_class(audit):
+        cells = [_cell(stats.get(key)) for key in ("mask_energy", "border_energy", "concentration")]
+        name = str(stats.get("name") or label).replace("|", "\\|")
+        reasons = ", ".join(stats.get("reasons") or []) or "yes"
+        lines.append(
+            f"| {name} | {stats.get('count', '')} | {' | '.join(cells)} | "
+            f"{f'**{reasons}**' if label in flagged else 'no'} |"
+        )
+    lines += [
+        "",
+        f"Flagged classes: {', '.join(sorted(flagged)) or 'none'}.",
+        f"Flagged images: {audit.get('flagged_images_total', len(audit.get('flagged_images', [])))}.",
+        "",
+        "The full report with pictures is the task's `report` (HTML) output.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    number = _scalar(value)
+    return "n/a" if number is None else f"{number:.3f}"
+
+
+def run_audit(
+    *,
+    maps: _Artifact,
+    report: _Artifact,
+    summary: _Artifact,
+    metrics: Any,
+    extra_args: Sequence[str] = (),
+) -> dict[str, float]:
+    """The audit task: runs the ``fullgrad audit`` pipeline over the maps and files its outputs.
+
+    The flags are parsed by the command's own parser (``extra_args`` takes any ``fullgrad
+    audit`` setting, e.g. ``--image-mask-energy-min 0.4``; unknown ones go to Beam), the audit
+    writes ``audit.json`` and ``report.html`` to a scratch folder, then ``report.html`` becomes
+    the ``report`` artifact, a Markdown digest of ``audit.json`` the ``summary``, and
+    :func:`audit_metrics` goes to ``metrics``.
+
+    When the explain job already audited in its own pass (``explain_args=["--audit"]``, e.g.
+    on Dataflow's workers for a large dataset) and no ``extra_args`` ask for other settings, its
+    ``audit.json`` / ``report.html`` are filed as they are, instead of reading every map again
+    in this pod.
+
+    Returns:
+        The metrics logged.
+
+    Example:
+        >>> run_audit(maps=maps, report=report, summary=summary, metrics=metrics)
+        {'mask_energy_class_0': 0.71, ..., 'flagged_classes': 1.0, 'flagged_images': 3.0}
+    """
+    import argparse
+
+    workdir = tempfile.mkdtemp(prefix="fullgrad-audit-")
+    try:
+        paths = {"json": os.path.join(maps.path, "audit.json")}
+        paths["html"] = os.path.join(maps.path, "report.html")
+        if extra_args or not all(os.path.isfile(p) for p in paths.values()):
+            from fullgrad.audit import command
+
+            argv = ["--maps", maps.path, "--output", workdir, *extra_args]
+            _LOG.info("fullgrad audit %s", " ".join(argv))
+            parser = argparse.ArgumentParser(prog="fullgrad audit (audit task)")
+            command.add_arguments(parser)
+            args, beam_args = parser.parse_known_args(argv)
+            paths = command.run_audit(
+                args.maps, args.output, command.settings_from_args(args), beam_args
+            )
+        else:
+            _LOG.info("filing the audit the explain job wrote in its pass: %s", paths["json"])
+        with open(paths["json"], encoding="utf-8") as handle:
+            audit = json.load(handle)
+        os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
+        shutil.copyfile(paths["html"], report.path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(os.path.dirname(summary.path) or ".", exist_ok=True)
+    with open(summary.path, "w", encoding="utf-8") as handle:
+        handle.write(audit_markdown(audit))
+    values = audit_metrics(audit)
+    for key, value in values.items():
+        metrics.log_metric(key, value)
+    report.metadata.update({"flagged_classes": list(audit.get("flagged_classes", []))})
+    return values

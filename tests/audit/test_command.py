@@ -1,0 +1,107 @@
+"""``fullgrad audit`` over a maps folder written with the job's own writer schema."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+
+from fullgrad.audit.transforms import AuditSettings, with_statistics
+from fullgrad.beam.io import maps_schema, records_to_table
+from fullgrad.cli import main as cli_main
+
+from .conftest import SIZE, planted_records
+
+
+def write_maps(folder, records, dtype="float16"):
+    settings = AuditSettings()
+    enriched = [with_statistics(r, settings) for r in records]
+    schema = maps_schema(SIZE, dtype)
+    for shard, start in enumerate(range(0, len(enriched), 50)):
+        table = records_to_table(enriched[start : start + 50], schema)
+        pq.write_table(table, folder / f"maps-{shard:05d}-of-00003.parquet")
+    return enriched
+
+
+def test_fullgrad_audit_rereads_maps_and_flags_from_them(tmp_path):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    enriched = write_maps(maps, planted_records(140, off_class=3, seed=8))
+    table = pq.read_table(maps)
+    assert table.num_rows == 140 and table.column("mask_energy").null_count == 0
+
+    out = tmp_path / "report"
+    argv = [
+        "audit",
+        "--maps",
+        str(maps),
+        "--output",
+        str(out),
+        "--examples",
+        "3",
+        "--class-names",
+        "a,b,c,d",
+    ]
+    assert cli_main(argv) == 0
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["flagged_classes"] == ["3"]
+    assert audit["images"] == 140
+    assert audit["settings"]["examples"] == 3 and audit["classes"]["3"]["name"] == "3 (d)"
+    # float16 storage moves the statistics a little, not the verdict.
+    direct = [r["mask_energy"] for r in enriched if r["target"] == 3]
+    assert abs(audit["classes"]["3"]["mask_energy"] - sum(direct) / len(direct)) < 0.02
+    assert (out / "report.html").stat().st_size > 10_000
+
+    # No image threshold can fire; the class comparison with the others still does.
+    stricter = tmp_path / "lenient"
+    argv = [
+        "audit",
+        "--maps",
+        str(maps),
+        "--output",
+        str(stricter),
+        "--image-mask-energy-min",
+        "0",
+        "--image-border-energy-max",
+        "1",
+    ]
+    assert cli_main(argv) == 0
+    strict = json.loads((stricter / "audit.json").read_text())
+    assert strict["settings"]["image_mask_energy_min"] == 0.0
+    assert audit["flagged_images_total"] > 20 and strict["flagged_images_total"] == 0
+    assert strict["flagged_classes"] == ["3"]
+    assert strict["classes"]["3"]["reasons"] == ["off_object", "on_border"]
+
+
+def test_fullgrad_audit_without_maps_fails_cleanly(tmp_path, capsys):
+    assert cli_main(["audit", "--maps", str(tmp_path)]) == 2
+    assert "no maps-*.parquet" in capsys.readouterr().out
+
+
+def test_fullgrad_run_audit_flags_reach_the_audit_settings():
+    import argparse
+
+    from fullgrad.audit.transforms import AuditSettings
+    from fullgrad.beam.job import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--input",
+            "a.parquet",
+            "--model",
+            "m.keras",
+            "--output",
+            "o",
+            "--audit",
+            "--audit-image-mask-energy-min",
+            "0.3",
+            "--audit-class-names",
+            "cat,dog",
+        ]
+    )
+    settings = AuditSettings.from_config(config_from_args(args))
+    assert settings.image_mask_energy_min == 0.3
+    assert settings.class_names == ("cat", "dog")
+    assert settings.border_fraction == AuditSettings().border_fraction

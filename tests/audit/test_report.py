@@ -1,0 +1,64 @@
+"""The written audit: strict JSON with the contract's keys, and an HTML file with its pictures."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fullgrad.audit.report import write_audit
+from fullgrad.audit.transforms import AuditSettings
+
+from .conftest import planted_records, run_audit
+
+
+def test_write_audit_json_and_html(tmp_path):
+    records = planted_records(80, off_class=1, seed=4)
+    for record in records:
+        record["id"] = f"<i>{record['id']}"  # ids are data: the page must escape them
+    records[0]["mask"] = None  # a record without a mask still reports (NaN -> null)
+    settings = AuditSettings(examples=4, class_names=("cat", "dog", "fox", "owl"))
+    audit = run_audit(records, settings)
+    paths = write_audit(audit, str(tmp_path / "audit"))
+
+    text = Path(paths["json"]).read_text()
+    assert "NaN" not in text
+    data = json.loads(text)
+    assert data["flagged_classes"] == ["1"]
+    assert set(data["classes"]) == {"0", "1", "2", "3"}
+    one = data["classes"]["1"]
+    for key in ("count", "mask_energy", "border_energy", "concentration", "flagged", "reasons"):
+        assert key in one
+    assert one["flagged"] is True and one["count"] == 20
+    assert data["classes"]["0"]["flagged"] is False
+    assert data["settings"]["image_mask_energy_min"] == settings.image_mask_energy_min
+    assert data["settings"]["class_names"] == ["cat", "dog", "fox", "owl"]
+    assert data["flagged_images"] and all(r["target"] == 1 for r in data["flagged_images"])
+    assert len(data["examples"]["least_on_object"]) == 4
+
+    page = Path(paths["html"]).read_text()
+    assert "<i>img" not in page
+    assert "&lt;i&gt;img" in page
+    assert 'src="http' not in page  # self-contained
+    pictures = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    # mean maps + histograms + residuals + 4 galleries of up to 4 overlays
+    assert len(pictures) >= 3 + 4 * 3
+    sizes = [Image.open(io.BytesIO(base64.b64decode(p))).size for p in pictures]
+    assert max(w for w, _ in sizes) > 600  # the mean-map and histogram figures
+    overlays = [np.asarray(Image.open(io.BytesIO(base64.b64decode(p)))) for p in pictures]
+    overlays = [o for o in overlays if o.shape == (48, 48, 3)]  # 24-pixel maps, shown 2x
+    assert len(overlays) >= 12 and all(o.std() > 10 for o in overlays)
+    assert "1 (dog)" in page and "flagged" in page
+
+
+def test_empty_audit_still_writes(tmp_path):
+    audit = run_audit([], AuditSettings())
+    paths = write_audit(audit, str(tmp_path))
+    data = json.loads(Path(paths["json"]).read_text())
+    assert data["images"] == 0 and data["flagged_classes"] == [] and data["classes"] == {}
+    assert "No class is flagged" in Path(paths["html"]).read_text()
