@@ -1,7 +1,7 @@
 """``fullgrad run --runner dask`` on a real 2-process LocalCluster, against the local runner.
 
-Real Parquet and TFRecord files with bad rows; the outputs (maps, dead letters, summary
-counts, overlays) must equal the local runner's row for row, by id. Maps are compared to
+Real Parquet and TFRecord files with bad rows; the outputs (maps, dead letters, summary,
+counts, overlays, audit) must equal the local runner's row for row, by id. Maps are compared to
 1e-6: a worker batches different images together, which moves float32 sums by an ulp.
 """
 
@@ -77,8 +77,24 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_parquet(data, model_path, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("local") / "out")
-    summary = job.run(_config(data, "*.parquet", output, model_path))
+    summary = job.run(_config(data, "*.parquet", output, model_path, audit=True))
     return output, summary
+
+
+def _assert_close(got, want, path="audit") -> None:
+    """Equal JSON, numbers to 1e-5 (float32 sums depend on batch composition)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), path
+        for key in want:
+            _assert_close(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), path
+    else:
+        assert got == want, path
 
 
 def _assert_same_outputs(local: str, on_dask: str) -> None:
@@ -113,8 +129,14 @@ def test_parquet_run_equals_the_local_runner_and_ids_stay_inside(
     local, local_summary = local_parquet
     assert (local_summary["input"], local_summary["explained"]) == (26, 21)
     output = str(tmp_path / "out")
-    summary = job.run(_config(data, "*.parquet", output, model_path), _dask_args(cluster))
+    summary = job.run(_config(data, "*.parquet", output, model_path, audit=True),
+                      _dask_args(cluster))
     _assert_same_outputs(local, output)
+    # The audit (Beam combiners over the explained records) agrees too.
+    with open(os.path.join(local, "audit.json")) as a, \
+            open(os.path.join(output, "audit.json")) as b:
+        local_audit, dask_audit = json.load(a), json.load(b)
+    _assert_close(dask_audit, local_audit)
     assert (summary["input"], summary["explained"], summary["failed"]) == (26, 21, 5)
     # Beam metrics come back from the Dask workers: the same counts as locally, and the
     # model loaded once per worker process at most (2 here), not once per bundle.
