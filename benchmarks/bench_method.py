@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 import fullgrad as ke
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rss import peak_rss_mb, reset_peak_rss
 
 MODES = ("forward", "gradient", "all_gradients", "fullgrad", "gradient_xla", "fullgrad_xla")
 
@@ -100,7 +102,7 @@ def time_modes(batch: int, size: int, repeats: int) -> dict[str, float]:
 def peak_memory_mb(mode: str, batch: int, size: int) -> float:
     """Peak RSS (MB) of a fresh process that builds the model and runs ``mode`` twice."""
     code = (
-        "import sys, resource; sys.argv=['x']; import benchmarks.bench_method as b; "
+        "import benchmarks.bench_method as b; "
         f"b.memory_probe({mode!r}, {batch}, {size})"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,13 +114,14 @@ def peak_memory_mb(mode: str, batch: int, size: int) -> float:
 
 
 def memory_probe(mode: str, batch: int, size: int) -> None:
+    reset_peak_rss()
     keras.utils.set_random_seed(0)
     model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
     x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), tf.float32)
     fn = build_modes(model, tuple(x.shape))[mode]
     _run(fn, x)
     _run(fn, x)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mb())
 
 
 def main() -> None:

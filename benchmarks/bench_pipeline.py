@@ -85,12 +85,6 @@ def _child(argv: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _cpu_s() -> float:
     import resource
 
@@ -142,7 +136,11 @@ def child(kind: str, model: str, data: str, size: int, batch: int, output: str,
           engine_data: str) -> dict:
     """``memory``: the job only, with its peak RSS; ``paired``: engine, job, engine."""
     if kind == "memory":
-        return {**_job(model, data, size, batch, output), "peak_rss_mb": _peak_rss_mb()}
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from rss import peak_rss_mb, reset_peak_rss
+
+        reset_peak_rss()  # else the child reports its parent's peak (kept across fork+exec)
+        return {**_job(model, data, size, batch, output), "peak_rss_mb": peak_rss_mb()}
     before = _engine_timing(model, engine_data, size, batch)
     result = _job(model, data, size, batch, output)
     after = _engine_timing(model, engine_data, size, batch)
