@@ -466,18 +466,13 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
 def _add_audit(config: JobConfig, explained: Any) -> None:
     """The ``--audit`` branch: ``ComputeAudit`` over the explained records, then ``write_audit``.
 
-    The audit lives in ``fullgrad.audit`` (its own branch of work); it is imported here, lazily,
-    so the job runs without it when ``--audit`` is off.
+    Imported here so that a job without ``--audit`` does not load the report's matplotlib.
     """
     import apache_beam as beam
 
-    try:
-        from fullgrad.audit.report import write_audit
-        from fullgrad.audit.transforms import ComputeAudit
-    except ImportError as error:
-        raise JobError(
-            f"--audit needs fullgrad.audit (ComputeAudit, write_audit), not available: {error}"
-        ) from error
+    from fullgrad.audit.report import write_audit
+    from fullgrad.audit.transforms import ComputeAudit
+
     settings = _audit_settings(config)
     output = config.output
     _ = (
@@ -603,11 +598,6 @@ def run(
     config.validate()
     config.num_classes = check_model(config)
     files = check_input(config)
-    if config.audit:
-        try:
-            import fullgrad.audit.transforms  # noqa: F401
-        except ImportError as error:
-            raise JobError(f"--audit needs fullgrad.audit, not available: {error}") from error
     prepare_output(config)
     with _engine_args(extra, dask) as beam_args:
         options = pipeline_options(beam_args, **option_overrides)

@@ -386,20 +386,6 @@ def test_the_default_runner_is_pinned_and_flags_pass_through():
     assert settings.columns().image == "image/encoded"
 
 
-def test_audit_without_the_audit_module_is_a_clear_error(tmp_path, model_path):
-    try:
-        import fullgrad.audit.transforms  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("fullgrad.audit is present: the audit's own tests cover --audit")
-    (tmp_path / "in").mkdir()
-    write_parquet(str(tmp_path / "in" / "a.parquet"), good_rows(1))
-    with pytest.raises(job.JobError, match="--audit needs fullgrad.audit"):
-        job.run(config(tmp_path, model_path, audit=True))
-    assert not (tmp_path / "out").exists()
-
-
 def test_a_model_shared_across_processes_gives_the_same_maps(parquet_run, model_path):
     # model_copies=1: Beam hosts the model in one process (multi_process_shared) and the
     # workers call it through a proxy, numpy in and out.
