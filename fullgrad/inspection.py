@@ -273,11 +273,12 @@ def expose(
     outputs: dict[int, list] = {}
 
     def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
-        activation = _activation_of(layer) if id(layer) in targets else None
-        if activation is None and not (
-            id(layer) in targets and isinstance(getattr(layer, "activation", None), str)
-        ):
+        if id(layer) not in targets:
             return layer  # shared, not copied
+        activation = _activation_of(layer)
+        # A string activation (the seed's `activation = 'linear'`) is not callable: twin it too.
+        if activation is None and not isinstance(getattr(layer, "activation", None), str):
+            return layer
         twin = _linear_twin(layer)
         twins[id(twin)] = (twin, layer, activation)
         return twin
