@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -390,14 +389,26 @@ def _batches(inputs: Any, targets: Any, batch_size: int | None):
         yield inputs[start:stop], None if targets is None else targets[start:stop]
 
 
-_ENGINES: weakref.WeakKeyDictionary[keras.Model, dict[tuple, FullGrad]] = (
-    weakref.WeakKeyDictionary()
-)
+_ENGINES_ATTRIBUTE = "_fullgrad_engines"
+
+
+def cached_engines(model: keras.Model) -> dict[tuple, FullGrad]:
+    """The engines ``full_gradients`` and ``decompose`` built for ``model``, by their options.
+
+    They live on the model itself: an engine references its (exposed) model, so a weakly keyed
+    registry would keep every model alive; an attribute makes it a cycle the collector frees.
+    ``object.__setattr__`` keeps Keras from tracking the cache as model state.
+    """
+    engines = model.__dict__.get(_ENGINES_ATTRIBUTE)
+    if engines is None:
+        engines = {}
+        object.__setattr__(model, _ENGINES_ATTRIBUTE, engines)
+    return engines
 
 
 def _engine(model: keras.Model, biases: Sequence[Any] | None, **options: Any) -> FullGrad:
     """One FullGrad per (model, biases, options), so repeated calls reuse the traced step."""
-    engines = _ENGINES.setdefault(model, {})
+    engines = cached_engines(model)
     key = (None if biases is None else id(biases), *sorted(options.items()))
     if key not in engines:
         engines[key] = FullGrad(model, biases=biases, **options)

@@ -72,10 +72,29 @@ def test_traced_once_per_input_shape(sequential_model, rng):
 def test_full_gradients_reuses_its_engine(sequential_model, rng):
     x = rng.uniform(size=(2, 20, 20, 3)).astype(np.float32)
     ke.full_gradients(sequential_model, x)
-    engines = ke.methods._ENGINES[sequential_model]
-    count = len(engines)
+    count = len(ke.methods.cached_engines(sequential_model))
+    assert count >= 1
     ke.full_gradients(sequential_model, x)
-    assert len(ke.methods._ENGINES[sequential_model]) == count
+    assert len(ke.methods.cached_engines(sequential_model)) == count
+
+
+def test_engine_cache_does_not_keep_models_alive(rng):
+    import gc
+    import weakref
+
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(2, 3, activation="relu")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+    logits = ke.inspection.get_logits_layer(model)
+    inters, biases = ke.inspection.layers_with_biases(model, exclude=[logits])
+    exposed = ke.inspection.expose(model, inters, logits)
+    ke.full_gradients(exposed, rng.uniform(size=(2, 8, 8, 3)), biases=biases)
+    alive = weakref.ref(exposed)
+    del exposed, model, inters, biases, logits
+    gc.collect()
+    assert alive() is None
 
 
 def test_jit_compile_gives_the_same_maps(sequential_model, rng):
