@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -101,17 +102,35 @@ def _mass(saliency: np.ndarray) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"a saliency map must be [h, w], got shape {array.shape}")
     array = np.where(np.isfinite(array) & (array > 0.0), array, 0.0)
-    if array.sum() <= 0.0:
-        return np.ones_like(array)
-    return array
+    return _uniform_if_empty(array)
+
+
+def _uniform_if_empty(mass: np.ndarray) -> np.ndarray:
+    return mass if mass.sum() > 0.0 else np.ones_like(mass)
+
+
+def _quantile(values: np.ndarray, q: float) -> float:
+    """``np.quantile(values, q)`` (its default, linear method) by partial sorting: O(n)."""
+    flat = values.ravel()
+    position = q * (flat.size - 1)
+    below = math.floor(position)
+    above = min(below + 1, flat.size - 1)
+    parts = np.partition(flat, [below, above])
+    low, high, t = float(parts[below]), float(parts[above]), position - below
+    # numpy's own lerp, so that the result is the same to the last bit.
+    return high - (high - low) * (1.0 - t) if t >= 0.5 else low + (high - low) * t
+
+
+def _salient(mass: np.ndarray, floor_quantile: float) -> np.ndarray:
+    """``salient_part`` of a map that is already mass (``_mass``)."""
+    if floor_quantile <= 0.0:
+        return mass
+    return _uniform_if_empty(np.maximum(mass - _quantile(mass, floor_quantile), 0.0))
 
 
 def salient_part(saliency: np.ndarray, floor_quantile: float = 0.8) -> np.ndarray:
     """The map above its ``floor_quantile`` quantile, minus that level (see the module doc)."""
-    mass = _mass(saliency)
-    if floor_quantile <= 0.0:
-        return mass
-    return _mass(mass - np.quantile(mass, floor_quantile))
+    return _salient(_mass(saliency), floor_quantile)
 
 
 def border_band(shape: tuple[int, int], border_fraction: float = 0.1) -> np.ndarray:
@@ -122,16 +141,24 @@ def border_band(shape: tuple[int, int], border_fraction: float = 0.1) -> np.ndar
         border_fraction: Band width as a share of ``min(h, w)``; at least one pixel.
 
     Returns:
-        True on the band.
+        True on the band (a new array the caller may change).
 
     Example:
         >>> border_band((64, 64), 0.1).mean()   # 6-pixel band: 0.33 of the area
     """
+    return _border_band(tuple(shape), border_fraction).copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _border_band(shape: tuple[int, int], border_fraction: float) -> np.ndarray:
+    """``border_band``, computed once per shape (every map of a job has the same): read-only."""
     height, width = shape
     band = max(1, round(border_fraction * min(height, width)))
     inside = np.zeros(shape, bool)
     inside[band : height - band, band : width - band] = True
-    return ~inside
+    frame = ~inside
+    frame.setflags(write=False)
+    return frame
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -150,26 +177,36 @@ def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 def concentration(saliency: np.ndarray, top_fraction: float = 0.05) -> float:
     """Share of the map's mass in its brightest ``ceil(top_fraction * h * w)`` pixels."""
-    mass = _mass(saliency).ravel()
-    k = max(1, math.ceil(top_fraction * mass.size))
-    top = np.partition(mass, mass.size - k)[mass.size - k :]
-    return float(top.sum() / mass.sum())
+    return _concentration(_mass(saliency), top_fraction)
+
+
+def _concentration(mass: np.ndarray, top_fraction: float) -> float:
+    flat = mass.ravel()
+    k = max(1, math.ceil(top_fraction * flat.size))
+    top = np.partition(flat, flat.size - k)[flat.size - k :]
+    return float(top.sum() / flat.sum())
 
 
 def normalised_entropy(saliency: np.ndarray) -> float:
     """Shannon entropy of the map as a distribution, divided by ``log(h * w)``."""
-    mass = _mass(saliency).ravel()
-    if mass.size < 2:
+    return _entropy(_mass(saliency))
+
+
+def _entropy(mass: np.ndarray) -> float:
+    flat = mass.ravel()
+    if flat.size < 2:
         return 0.0
-    p = mass / mass.sum()
+    p = flat / flat.sum()
     p = p[p > 0.0]
-    return float(-(p * np.log(p)).sum() / math.log(mass.size))
+    return float(-(p * np.log(p)).sum() / math.log(flat.size))
 
 
 def share_inside(saliency: np.ndarray, region: np.ndarray) -> float:
     """Share of the map's mass inside a bool region of the same shape."""
-    mass = _mass(saliency)
-    region = np.asarray(region, bool)
+    return _share_inside(_mass(saliency), np.asarray(region, bool))
+
+
+def _share_inside(mass: np.ndarray, region: np.ndarray) -> float:
     if region.shape != mass.shape:
         raise ValueError(f"region shape {region.shape} != map shape {mass.shape}")
     return float(mass[region].sum() / mass.sum())
@@ -177,12 +214,18 @@ def share_inside(saliency: np.ndarray, region: np.ndarray) -> float:
 
 def pointing_hit(saliency: np.ndarray, mask: np.ndarray, tolerance: int = 1) -> float:
     """1.0 if the map's (first) maximum lies in the mask dilated by ``tolerance``, else 0.0."""
-    mass = _mass(saliency)
-    mask = np.asarray(mask, bool)
+    return _pointing_hit(_mass(saliency), np.asarray(mask, bool), tolerance)
+
+
+def _pointing_hit(mass: np.ndarray, mask: np.ndarray, tolerance: int) -> float:
     if mask.shape != mass.shape:
         raise ValueError(f"mask shape {mask.shape} != map shape {mass.shape}")
     row, col = np.unravel_index(int(np.argmax(mass)), mass.shape)
-    return float(dilate(mask, tolerance)[row, col])
+    # The maximum is in the dilated mask iff the mask has a pixel in the square around it.
+    tolerance = max(0, int(tolerance))
+    window = mask[max(0, row - tolerance) : row + tolerance + 1,
+                  max(0, col - tolerance) : col + tolerance + 1]
+    return float(window.any())
 
 
 def image_statistics(
@@ -207,11 +250,12 @@ def image_statistics(
     """
     options = options or StatisticsOptions()
     mass = _mass(saliency)
-    salient = salient_part(mass, options.floor_quantile)
+    salient = _salient(mass, options.floor_quantile)
+    band = _border_band(mass.shape, options.border_fraction)
     result = {
-        "concentration": concentration(mass, options.top_fraction),
-        "entropy": normalised_entropy(mass),
-        "border_energy": share_inside(salient, border_band(mass.shape, options.border_fraction)),
+        "concentration": _concentration(mass, options.top_fraction),
+        "entropy": _entropy(mass),
+        "border_energy": _share_inside(salient, band),
         "mask_energy": math.nan,
         "pointing_hit": math.nan,
     }
@@ -220,6 +264,6 @@ def image_statistics(
         if mask.ndim == 3 and mask.shape[-1] == 1:
             mask = mask[..., 0]
         if mask.any():
-            result["mask_energy"] = share_inside(salient, mask)
-            result["pointing_hit"] = pointing_hit(mass, mask, options.pointing_tolerance)
+            result["mask_energy"] = _share_inside(salient, mask)
+            result["pointing_hit"] = _pointing_hit(mass, mask, options.pointing_tolerance)
     return result

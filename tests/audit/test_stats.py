@@ -94,3 +94,47 @@ def test_floor_quantile_keeps_the_salient_part_only():
     assert salient["mask_energy"] == pytest.approx(1.0)  # the 80th percentile is the floor
     assert salient["concentration"] == raw["concentration"]  # spread statistics read raw mass
     np.testing.assert_allclose(stats.salient_part(saliency, 0.8), np.where(mask, 0.5, 0.0))
+
+
+def _reference_statistics(saliency, mask, options):
+    """The module docstring's formulas, written the slow, obvious way (np.quantile, dilate)."""
+    s = np.where(np.isfinite(saliency) & (saliency > 0), saliency, 0.0).astype(np.float64)
+    s = s if s.sum() > 0 else np.ones_like(s)
+    floor = np.quantile(s, options.floor_quantile)
+    salient = np.where(s - floor > 0, s - floor, 0.0)
+    salient = salient if salient.sum() > 0 else np.ones_like(salient)
+    k = math.ceil(options.top_fraction * s.size)
+    p = s.ravel() / s.sum()
+    p = p[p > 0]
+    band = max(1, round(options.border_fraction * min(s.shape)))
+    frame = np.ones(s.shape, bool)
+    frame[band:-band, band:-band] = False
+    peak = np.unravel_index(np.argmax(s), s.shape)
+    return {
+        "concentration": np.sort(s.ravel())[-k:].sum() / s.sum(),
+        "entropy": -(p * np.log(p)).sum() / math.log(s.size),
+        "border_energy": salient[frame].sum() / salient.sum(),
+        "mask_energy": salient[mask].sum() / salient.sum(),
+        "pointing_hit": float(stats.dilate(mask, options.pointing_tolerance)[peak]),
+    }
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_statistics_equal_the_obvious_formulas_on_random_maps(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(6, 40, size=2))
+    saliency = rng.gamma(0.5, size=shape) * (rng.uniform(size=shape) > 0.3)
+    saliency[rng.uniform(size=shape) < 0.02] = np.nan
+    mask = rng.uniform(size=shape) > 0.85
+    options = stats.StatisticsOptions(
+        top_fraction=float(rng.uniform(0.01, 0.5)),
+        border_fraction=float(rng.uniform(0.02, 0.3)),
+        pointing_tolerance=int(rng.integers(0, 4)),
+        floor_quantile=float(rng.choice([0.0, 0.5, 0.8, 0.95])),
+    )
+    result = stats.image_statistics(saliency, mask, options)
+    expected = _reference_statistics(saliency, mask, options)
+    for name in stats.STATISTICS:
+        assert result[name] == pytest.approx(expected[name], rel=1e-12, abs=1e-15), name
+    quantile = stats._quantile(saliency[np.isfinite(saliency)], options.floor_quantile)
+    assert quantile == np.quantile(saliency[np.isfinite(saliency)], options.floor_quantile)
