@@ -131,7 +131,7 @@ def decode_image(
             array = np.asarray(image, dtype=np.float64)
             top = 65535.0 if array.max(initial=0) > 255 else 255.0
             image = Image.fromarray((array / top * 255).round().astype(np.uint8), mode="L")
-        rgb = image.convert("RGB")
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
         return np.asarray(_resize(rgb, size, Image.BILINEAR), dtype=np.uint8)
 
 
@@ -224,6 +224,7 @@ def preprocess(images: Any, mode: str) -> np.ndarray:
     """
     if mode not in PREPROCESS_MODES:
         raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
+    whole_numbers = np.issubdtype(np.asarray(images).dtype, np.integer)  # e.g. decoded uint8
     array = np.array(images, dtype=np.float32)  # a copy: preprocess_input works in place
     if mode == "unit":
         array /= 255.0
@@ -234,7 +235,7 @@ def preprocess(images: Any, mode: str) -> np.ndarray:
             imagenet_utils.preprocess_input(array, data_format="channels_last", mode=mode),
             dtype=np.float32,
         )
-    if not np.all(np.isfinite(array)):
+    if not whole_numbers and not np.all(np.isfinite(array)):  # integers are always finite
         raise ImageError("preprocessed image contains NaN/inf values")
     return array
 

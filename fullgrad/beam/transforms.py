@@ -75,7 +75,7 @@ class DecodeRows(beam.DoFn):
                     "the image column holds text; expected PNG/JPEG bytes or a pixel array"
                 )
             if isinstance(image, bytes | bytearray | memoryview):
-                rgb = decode_image(image, self._size, self._max_pixels).astype(np.float32)
+                rgb = decode_image(image, self._size, self._max_pixels)  # uint8
             else:
                 rgb = None  # a pixel array: checked (NaN) at the preprocess stage
             mask = None
@@ -92,21 +92,24 @@ class DecodeRows(beam.DoFn):
         except (ImageError, ValueError) as error:
             yield beam.pvalue.TaggedOutput("dead", dead_letter(record_id, "preprocess", error))
             return
-        thumbnail = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
-        if thumbnail.shape[:2] != self._map_size:
-            from PIL import Image
-
-            thumbnail = np.asarray(
-                Image.fromarray(thumbnail).resize(self._map_size[::-1], Image.BILINEAR)
-            )
         yield {
             "id": record_id,
             "image": x,
             "target": target,
             "label": row.get("label"),
             "mask": mask,
-            "thumbnail": thumbnail,
+            "thumbnail": self._thumbnail(rgb),
         }
+
+    def _thumbnail(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 ``[h, w, 3]`` at the map size; a decoded image is uint8 already (no copy)."""
+        if rgb.dtype != np.uint8:
+            rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+        if rgb.shape[:2] == self._map_size:
+            return rgb
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(rgb).resize(self._map_size[::-1], Image.BILINEAR))
 
     def _resolve_target(self, label: int | None) -> int:
         if self._target == "predicted":
