@@ -14,7 +14,7 @@ column never crashes the job: each of its rows becomes a dead letter naming the 
 
 Written under ``--output``:
 
-- ``maps-SSSSS-of-NNNNN.parquet``: one row per explained image (``MAPS_COLUMNS``); ``map`` is an
+- ``maps-SSSSS-of-NNNNN.parquet``: one row per explained image (``maps_schema``); ``map`` is an
   Arrow ``fixed_shape_tensor`` column, read back with ``read_maps``;
 - ``dead_letter-SSSSS-of-NNNNN.parquet``: ``id``, ``stage``, ``error``;
 - ``maps-SSSSS-of-NNNNN.tfrecord`` with ``--write-tfrecord``;
@@ -42,7 +42,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from fullgrad.beam.config import Columns, JobConfig
-from fullgrad.images import encode_png
+from fullgrad.images import encode_jpeg, encode_png
 
 __all__ = [
     "AUDIT_COLUMNS",
@@ -352,7 +352,8 @@ def _statistic(value: Any) -> float | None:
 def records_to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
     """Explained records -> a ``pa.Table`` of ``schema`` (from ``maps_schema``).
 
-    The map is cast to the schema's dtype, thumbnails and masks are PNG-encoded.
+    The map is cast to the schema's dtype; thumbnails are JPEG-encoded, masks PNG-encoded
+    (lossless: they are measured).
 
     Example:
         >>> table = records_to_table(records, maps_schema(56, "uint8"))
@@ -377,7 +378,7 @@ def records_to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
                                 pa.list_(pa.float32())),
         "residual": pa.array([float(r["residual"]) for r in records], pa.float32()),
         "map": tensor,
-        "thumbnail": pa.array([encode_png(r["thumbnail"]) for r in records], pa.binary()),
+        "thumbnail": pa.array([encode_jpeg(r["thumbnail"]) for r in records], pa.binary()),
         "mask": pa.array(
             [None if r.get("mask") is None else encode_png(r["mask"]) for r in records],
             pa.binary(),
@@ -478,7 +479,7 @@ def record_to_example(record: dict, map_dtype: str) -> bytes:
 
     Keys: ``id``, ``target``, ``logit``, ``label`` (when known), ``topk_classes``,
     ``topk_logits``, ``residual``, ``map`` (raw bytes of ``map_dtype``), ``map/shape``,
-    ``map/dtype``, ``thumbnail`` (PNG), ``mask`` (PNG, when known).
+    ``map/dtype``, ``thumbnail`` (JPEG), ``mask`` (PNG, when known).
 
     Example:
         >>> example = tf.train.Example.FromString(record_to_example(record, "float16"))
@@ -506,7 +507,7 @@ def record_to_example(record: dict, map_dtype: str) -> bytes:
         "map": raw(saliency.tobytes()),
         "map/shape": ints(saliency.shape),
         "map/dtype": raw(map_dtype.encode()),
-        "thumbnail": raw(encode_png(record["thumbnail"])),
+        "thumbnail": raw(encode_jpeg(record["thumbnail"])),
     }
     if record.get("label") is not None:
         feature["label"] = ints([int(record["label"])])
