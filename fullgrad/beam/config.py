@@ -81,6 +81,8 @@ class JobConfig:
             the format's defaults when None.
         safe_mode: Keras' safe_mode when loading the model.
         progress_every: Log a progress line every this many images per worker (0: never).
+        decode_threads: Threads per worker that decode images ahead of the model, so decoding
+            overlaps the model's compute instead of waiting for it; 0 decodes inline.
         model_copies: Load this many copies per machine and share them across processes
             (Beam's ``model_copies``); one per process when None.
         large_model: Share one model across the processes of a machine (Beam's ``large_model``).
@@ -112,6 +114,7 @@ class JobConfig:
     mask_column: str | None = None
     safe_mode: bool = True
     progress_every: int = 1000
+    decode_threads: int = 2
     model_copies: int | None = None
     large_model: bool = False
     num_classes: int | None = None
@@ -182,6 +185,8 @@ class JobConfig:
             raise ValueError("--min-batch-size must be between 1 and --batch-size")
         if self.overlays < 0:
             raise ValueError("--overlays must be >= 0")
+        if self.decode_threads < 0:
+            raise ValueError("--decode-threads must be >= 0")
         if not isinstance(self.target, int) and self.target not in ("predicted", "label"):
             try:
                 int(self.target)

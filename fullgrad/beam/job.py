@@ -122,6 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--mask-column", help="object-mask PNG column / key (default mask | image/mask)")
     data.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                       help="largest decoded image (decompression-bomb guard)")
+    data.add_argument("--decode-threads", type=int, default=2,
+                      help="threads per worker decoding ahead of the model (0: inline)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help=".keras/.h5 file or gs:// s3:// URI")
     model.add_argument("--image-size", type=int, default=224)
@@ -189,6 +191,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         mask_column=args.mask_column,
         safe_mode=not args.unsafe_model,
         progress_every=args.progress_every,
+        decode_threads=args.decode_threads,
         model_copies=args.model_copies,
         large_model=args.large_model,
         audit_options=_audit_options(args),

@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
 import os
 import time
@@ -20,6 +22,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.utils.windowed_value import WindowedValue
 
 from fullgrad.beam.config import TARGET_PREDICTED, JobConfig
 from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler
@@ -51,6 +54,14 @@ class DecodeRows(beam.DoFn):
     letters at stage ``decode``; preprocessing errors (NaN/inf pixels, a missing or out-of-range
     label for ``--target label``) at stage ``preprocess``.
 
+    With ``decode_threads`` > 0, rows are decoded by a small thread pool, up to
+    ``batch_size + decode_threads`` rows ahead of what has been handed on. Downstream stages run
+    inside this DoFn's output calls, so while the model works on one batch (TensorFlow and
+    Pillow's decoders release the GIL) the pool decodes the next: decoding then costs the model
+    a fraction of what it costs inline (``benchmarks/bench_pipeline.py``). Outputs keep their
+    order, and each keeps its own row's timestamp and window; what is still pending at the end
+    of a bundle is emitted in ``finish_bundle``. Memory: the look-ahead's decoded images.
+
     Example Usage:
         >>> decoded = rows | beam.ParDo(DecodeRows(config)).with_outputs("dead", main="requests")
     """
@@ -63,8 +74,56 @@ class DecodeRows(beam.DoFn):
         self._target = config.target
         self._target_index = config.target_index()
         self._num_classes = config.num_classes
+        self._threads = int(config.decode_threads)
+        self._lookahead = int(config.batch_size) + self._threads
 
-    def process(self, row: dict) -> Iterator[Any]:
+    def setup(self) -> None:
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
+            if self._threads
+            else None
+        )
+        self._pending: collections.deque = collections.deque()
+
+    def start_bundle(self) -> None:
+        self._pending.clear()
+
+    def process(
+        self,
+        row: dict,
+        timestamp: Any = beam.DoFn.TimestampParam,
+        window: Any = beam.DoFn.WindowParam,
+    ) -> Iterator[Any]:
+        if self._pool is None:
+            yield from self._decode(row)
+            return
+        self._pending.append((self._pool.submit(self._decode_all, row), timestamp, window))
+        while len(self._pending) > self._lookahead:
+            yield from self._emit_oldest()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        while self._pending:
+            yield from self._emit_oldest()
+
+    def teardown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _emit_oldest(self) -> Iterator[Any]:
+        future, timestamp, window = self._pending.popleft()
+        for output in future.result():  # an unexpected error fails the bundle, as inline
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(
+                    output.tag, WindowedValue(output.value, timestamp, (window,))
+                )
+            else:
+                yield WindowedValue(output, timestamp, (window,))
+
+    def _decode_all(self, row: dict) -> list[Any]:
+        return list(self._decode(row))
+
+    def _decode(self, row: dict) -> Iterator[Any]:
+        """The request of one row, or its dead letter (a ``TaggedOutput``)."""
         record_id = row["id"]
         image = row["image"]
         try:

@@ -111,8 +111,11 @@ def test_decode_rows_resolves_targets_and_keeps_the_contract():
 
     def decode(target):
         config = JobConfig(input="x.parquet", model="m.keras", output="o", image_size=SIZE,
-                           map_size=8, preprocess="tf", target=target, num_classes=CLASSES)
-        return list(DecodeRows(config).process(row))
+                           map_size=8, preprocess="tf", target=target, num_classes=CLASSES,
+                           decode_threads=0)
+        fn = DecodeRows(config)
+        fn.setup()
+        return list(fn.process(row))
 
     (fixed,) = decode("3")
     assert fixed["target"] == 3 and fixed["image"].shape == (SIZE, SIZE, 3)
@@ -123,3 +126,48 @@ def test_decode_rows_resolves_targets_and_keeps_the_contract():
     assert decode("label")[0]["target"] == row["label"]
     (dead,) = decode(str(CLASSES))
     assert dead.tag == "dead" and dead.value["stage"] == "preprocess"
+
+
+def test_decode_ahead_keeps_order_windows_and_dead_letters():
+    """With decode threads, outputs trail the input by the look-ahead and keep each row's order,
+    timestamp and window; the rest comes out at the end of the bundle."""
+    import apache_beam as beam
+    from apache_beam.transforms.window import IntervalWindow
+    from apache_beam.utils.timestamp import Timestamp
+    from apache_beam.utils.windowed_value import WindowedValue
+    from beamdata import good_rows
+
+    from fullgrad.beam.config import JobConfig
+    from fullgrad.beam.transforms import DecodeRows
+
+    rows = [{**row, "source": "x.parquet"} for row in good_rows(7, with_mask=False)]
+    rows[3] = {**rows[3], "image": b"not an image"}
+    config = JobConfig(input="x.parquet", model="m.keras", output="o", image_size=SIZE,
+                       preprocess="unit", batch_size=2, decode_threads=2)
+    inline = DecodeRows(JobConfig(**{**config.__dict__, "decode_threads": 0}))
+    inline.setup()
+    expected = [out for row in rows for out in inline.process(row)]
+    ahead = DecodeRows(config)
+    ahead.setup()
+    ahead.start_bundle()
+    windows = [IntervalWindow(i, i + 1) for i in range(len(rows))]
+    outputs = []
+    for index, row in enumerate(rows):
+        emitted = list(ahead.process(row, Timestamp(index), windows[index]))
+        assert len(emitted) == (1 if index >= 4 else 0)  # look-ahead: batch 2 + 2 threads
+        outputs += emitted
+    outputs += list(ahead.finish_bundle())
+    ahead.teardown()
+    assert len(outputs) == len(rows)
+    for index, (got, want) in enumerate(zip(outputs, expected, strict=True)):
+        tagged = isinstance(got, beam.pvalue.TaggedOutput)
+        assert tagged == isinstance(want, beam.pvalue.TaggedOutput) == (index == 3)
+        value = got.value if tagged else got
+        assert isinstance(value, WindowedValue)
+        assert value.timestamp == Timestamp(index) and value.windows == (windows[index],)
+        if tagged:
+            assert got.tag == "dead" and value.value == want.value
+        else:
+            assert value.value["id"] == want["id"]
+            np.testing.assert_array_equal(value.value["image"], want["image"])
+            np.testing.assert_array_equal(value.value["thumbnail"], want["thumbnail"])

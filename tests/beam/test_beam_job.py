@@ -139,9 +139,10 @@ def test_parquet_run_writes_the_documented_layout(parquet_run):
         np.testing.assert_array_equal(stored, by_id[feature["id"].bytes_list.value[0].decode()])
 
 
-def test_outputs_are_equal_across_batch_sizes(parquet_run, model_path):
-    tmp, _, _ = parquet_run
-    summary = job.run(config(tmp, model_path, name="batch1", batch_size=1, top_k=3))
+def test_outputs_are_equal_across_batch_sizes_and_decode_threads(parquet_run, model_path):
+    tmp, _, _ = parquet_run  # that run: batch 4, decoding 2 threads ahead; this one: 1, inline
+    summary = job.run(config(tmp, model_path, name="batch1", batch_size=1, top_k=3,
+                             decode_threads=0))
     assert summary["explained"] == 12
     one, _ = read_output(str(tmp / "batch1"))
     four, _ = read_output(str(tmp / "out"))
@@ -380,12 +381,14 @@ def test_the_default_runner_is_pinned_and_flags_pass_through():
     job.add_arguments(parser)
     args, extra = parser.parse_known_args(
         ["--input", "a.tfrecord", "--model", "m.keras", "--output", "o", "--target", "3",
-         "--runner", "FlinkRunner", "--flink_master", "localhost:8081"]
+         "--decode-threads", "0", "--runner", "FlinkRunner", "--flink_master", "localhost:8081"]
     )
     assert extra == ["--runner", "FlinkRunner", "--flink_master", "localhost:8081"]
     settings = job.config_from_args(args)
     assert settings.resolved_format() == "tfrecord" and settings.target_index() == 3
-    assert settings.columns().image == "image/encoded"
+    assert settings.columns().image == "image/encoded" and settings.decode_threads == 0
+    with pytest.raises(ValueError, match="--decode-threads"):
+        JobConfig(input="a.parquet", model="m", output="o", decode_threads=-1).validate()
 
 
 def test_a_model_shared_across_processes_gives_the_same_maps(parquet_run, model_path):
