@@ -229,7 +229,8 @@ def preprocess(images: Any, mode: str) -> np.ndarray:
     """
     if mode not in PREPROCESS_MODES:
         raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
-    whole_numbers = np.issubdtype(np.asarray(images).dtype, np.integer)  # e.g. decoded uint8
+    images = np.asarray(images)
+    whole_numbers = np.issubdtype(images.dtype, np.integer)  # e.g. decoded uint8: no NaN
     array = np.array(images, dtype=np.float32)  # a copy: preprocess_input works in place
     if mode == "unit":
         array /= 255.0

@@ -123,6 +123,9 @@ def test_keras_modes_match_keras_applications(mode):
     expected = imagenet_utils.preprocess_input(rgb.copy(), mode=mode)
     np.testing.assert_allclose(preprocess(rgb, mode), expected, rtol=1e-6)
     np.testing.assert_array_equal(rgb[0, 0, 0], rgb.copy()[0, 0, 0])  # input not modified
+    decoded = rgb.astype(np.uint8)  # what decode_image hands over
+    np.testing.assert_array_equal(preprocess(decoded, mode), preprocess(rgb, mode))
+    assert preprocess(decoded, mode).dtype == np.float32
 
 
 def test_none_and_unit_modes():
