@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= beam,dask,kfp,dev
+EXTRAS ?= beam,aws,dask,kfp,dev
 DEMO_OUTPUT ?= demo-output
 
 .PHONY: env test lint demo bench compile clean

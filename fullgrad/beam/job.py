@@ -599,6 +599,9 @@ def run(
     from apache_beam.io.filesystems import FileSystems
 
     config.validate()
+    # s3:// (endpoint, credentials) and gs:// (project) read their settings from the pipeline
+    # options: the checks below open the model, list the input and the output with them.
+    FileSystems.set_options(pipeline_options(extra, **option_overrides))
     config.num_classes = check_model(config)
     files = check_input(config)
     prepare_output(config)

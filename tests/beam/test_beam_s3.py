@@ -1,0 +1,142 @@
+"""The job over ``s3://``: input, model and output in a bucket, through Beam's S3 filesystem.
+
+The bucket is served by moto's S3 server on 127.0.0.1 (a real HTTP server speaking the S3 API),
+and Beam's own ``s3://`` filesystem (``apache-beam[aws]``, boto3) talks to it through the
+pipeline flags a user would pass for any S3-compatible store (``--s3_endpoint_url`` ...). The
+run's outputs must equal those of the same job on local files.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import boto3
+import numpy as np
+import pytest
+from beamdata import SIZE, build_model, good_rows, read_output, write_parquet, write_tfrecord
+
+from fullgrad.beam import job
+from fullgrad.beam.config import JobConfig
+from fullgrad.beam.io import read_maps
+
+BUCKET = "fullgrad-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """``(boto3 client, Beam flags)`` for a bucket on a local S3 server."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            break
+        except Exception:  # noqa: BLE001 -- the server is still starting
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"the local S3 server did not start (see {log.name})")
+            time.sleep(0.3)
+    flags = ["--s3_endpoint_url", endpoint, "--s3_access_key_id", "test",
+             "--s3_secret_access_key", "test", "--s3_region_name", "us-east-1"]
+    yield client, flags
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, s3):
+    """The same rows (one corrupt) as local Parquet and TFRecord files and as S3 objects."""
+    client, _ = s3
+    local = tmp_path_factory.mktemp("local")
+    rows = good_rows(6)
+    rows[2] = {**rows[2], "image": b"\x89PNG\r\n\x1a\n broken"}
+    (local / "in").mkdir()
+    write_parquet(str(local / "in" / "part-0.parquet"), rows[:4])
+    write_parquet(str(local / "in" / "part-1.parquet"), rows[4:])
+    write_tfrecord(str(local / "in" / "part-0.tfrecord"), rows)
+    build_model().save(str(local / "model.keras"))
+    for name in ("part-0.parquet", "part-1.parquet", "part-0.tfrecord"):
+        client.upload_file(str(local / "in" / name), BUCKET, f"in/{name}")
+    client.upload_file(str(local / "model.keras"), BUCKET, "models/model.keras")
+    return local
+
+
+def _config(input_: str, model: str, output: str, **overrides) -> JobConfig:
+    return JobConfig(input=input_, model=model, output=output, image_size=SIZE,
+                     preprocess="unit", batch_size=4, map_dtype="float32", **overrides)
+
+
+def _download(client, prefix: str, folder) -> list[str]:
+    """Copies every object under ``prefix`` into ``folder``; returns their names."""
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    for item in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", []):
+        name = item["Key"][len(prefix):]
+        names.append(name)
+        if "/" not in name:
+            client.download_file(BUCKET, item["Key"], os.path.join(folder, name))
+    return sorted(names)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "tfrecord"])
+def test_a_run_on_s3_equals_the_same_run_on_local_files(s3, files, tmp_path, kind):
+    client, flags = s3
+    pattern = "part-*.parquet" if kind == "parquet" else "part-*.tfrecord"
+    summary = job.run(
+        _config(f"s3://{BUCKET}/in/{pattern}", f"s3://{BUCKET}/models/model.keras",
+                f"s3://{BUCKET}/out-{kind}"),
+        flags,
+    )
+    assert (summary["input"], summary["explained"], summary["failed"]) == (6, 5, 1)
+    names = _download(client, f"out-{kind}/", tmp_path / "s3")
+    assert "summary.json" in names and not any(n.startswith("beam-temp") for n in names)
+    local = job.run(_config(str(files / "in" / pattern), str(files / "model.keras"),
+                            str(tmp_path / "local")))
+    assert local["explained"] == 5
+    on_s3, dead_s3 = read_output(str(tmp_path / "s3"))
+    on_disk, dead_disk = read_output(str(tmp_path / "local"))
+    assert on_s3.column("id").to_pylist() == on_disk.column("id").to_pylist()
+    np.testing.assert_array_equal(read_maps(on_s3), read_maps(on_disk))
+    assert dead_s3.equals(dead_disk) and dead_s3.column("stage").to_pylist() == ["decode"]
+
+
+def test_a_rerun_on_s3_is_refused_then_replaced_with_overwrite(s3, tmp_path):
+    client, flags = s3
+    config = _config(f"s3://{BUCKET}/in/part-0.parquet", f"s3://{BUCKET}/models/model.keras",
+                     f"s3://{BUCKET}/rerun")
+    assert job.run(config, flags)["explained"] == 3
+    with pytest.raises(job.JobError, match="--overwrite"):
+        job.run(config, flags)
+    again = job.run(_config(f"s3://{BUCKET}/in/part-1.parquet",
+                            f"s3://{BUCKET}/models/model.keras", f"s3://{BUCKET}/rerun",
+                            overwrite=True), flags)
+    assert again["explained"] == 2
+    _download(client, "rerun/", tmp_path / "rerun")
+    maps, _ = read_output(str(tmp_path / "rerun"))
+    assert maps.column("id").to_pylist() == ["img-0004", "img-0005"]  # nothing of run one
+
+
+def test_a_missing_model_on_s3_fails_before_any_read(s3):
+    _, flags = s3
+    with pytest.raises(job.JobError, match="model"):
+        job.run(_config(f"s3://{BUCKET}/in/*.parquet", f"s3://{BUCKET}/models/none.keras",
+                        f"s3://{BUCKET}/never"), flags)
