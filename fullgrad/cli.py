@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 __all__ = ["COMMANDS", "main"]
 
-#: name -> (module implementing it, one-line help). ``run`` passes unknown flags to Beam.
+#: name -> (module implementing it, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("fullgrad.beam.job", "Run the Beam job: FullGrad maps (and the audit) over a dataset."),
     "audit": ("fullgrad.audit.command", "Audit maps already written by `fullgrad run`."),
@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 #: Subcommands that accept flags they do not know and hand them on (to Beam's PipelineOptions).
-PASS_THROUGH = {"run", "demo"}
+PASS_THROUGH = {"run", "audit", "demo"}
 
 
 def _top_level_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,12 @@ __all__ = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``fullgrad audit``."""
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("--maps", required=True, help="folder of maps-*.parquet (local, gs://)")
+    parser.epilog = (
+        "Any other flag goes to Beam's PipelineOptions, e.g. --runner, or --s3_endpoint_url and "
+        "credentials for an s3:// store."
+    )
+    parser.add_argument("--maps", required=True,
+                        help="folder of maps-*.parquet (local, gs://, s3://)")
     parser.add_argument("--output", help="where audit.json and report.html go (default: --maps)")
     add_settings_arguments(parser.add_argument_group("audit settings"))
 
@@ -101,10 +106,12 @@ def run_audit(
     from fullgrad.audit.transforms import ComputeAudit
     from fullgrad.beam.job import pipeline_options
 
+    options = pipeline_options(extra)
+    FileSystems.set_options(options)  # s3:// and gs:// take their settings from the flags
     pattern = maps_dir.rstrip("/") + "/maps-*.parquet"
     if not FileSystems.match([pattern])[0].metadata_list:
         raise FileNotFoundError(f"no maps-*.parquet under {maps_dir}")
-    with beam.Pipeline(options=pipeline_options(extra)) as pipeline:
+    with beam.Pipeline(options=options) as pipeline:
         _ = (
             pipeline
             | "Maps" >> ReadMapRecords(maps_dir)

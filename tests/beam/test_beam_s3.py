@@ -8,6 +8,7 @@ run's outputs must equal those of the same job on local files.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -117,6 +118,19 @@ def test_a_run_on_s3_equals_the_same_run_on_local_files(s3, files, tmp_path, kin
     assert on_s3.column("id").to_pylist() == on_disk.column("id").to_pylist()
     np.testing.assert_array_equal(read_maps(on_s3), read_maps(on_disk))
     assert dead_s3.equals(dead_disk) and dead_s3.column("stage").to_pylist() == ["decode"]
+    # `fullgrad audit` over the maps in the bucket, in a fresh process (so with only its own
+    # flags to configure the s3:// filesystem), the report written next to them.
+    audit = subprocess.run(
+        [sys.executable, "-c", "import sys; from fullgrad.cli import main; sys.exit(main())",
+         "audit", "--maps", f"s3://{BUCKET}/out-{kind}", *flags],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr[-2000:]
+    assert "5 images" in audit.stdout
+    _download(client, f"out-{kind}/", tmp_path / "audited")
+    with open(tmp_path / "audited" / "audit.json") as handle:
+        assert json.load(handle)["images"] == 5
+    assert (tmp_path / "audited" / "report.html").stat().st_size > 0
 
 
 def test_a_rerun_on_s3_is_refused_then_replaced_with_overwrite(s3, tmp_path):
