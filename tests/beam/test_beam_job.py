@@ -369,6 +369,20 @@ def test_reruns_refuse_or_replace_but_never_mix(tmp_path, model_path):
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # not ours: kept
 
 
+def test_a_crashed_runs_temporary_folder_is_refused_then_removed(tmp_path, model_path):
+    # A run that died mid-write leaves Beam's temporary folder and no summary.json.
+    (tmp_path / "in").mkdir()
+    write_parquet(str(tmp_path / "in" / "a.parquet"), good_rows(2))
+    leftover = tmp_path / "out" / "beam-temp-maps-00000-of-00001-0123abcd"
+    leftover.mkdir(parents=True)
+    (leftover / "part.parquet").write_bytes(b"half a file")
+    with pytest.raises(job.JobError, match="beam-temp-maps.*--overwrite"):
+        job.run(config(tmp_path, model_path))
+    assert job.run(config(tmp_path, model_path, overwrite=True))["explained"] == 2
+    assert not leftover.exists()
+    assert not [name for name in os.listdir(tmp_path / "out") if name.startswith("beam-temp")]
+
+
 def test_the_default_runner_is_pinned_and_flags_pass_through():
     options = job.pipeline_options(["--direct_num_workers", "2", "--job_name", "x"])
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
