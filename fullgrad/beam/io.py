@@ -10,7 +10,9 @@ column never crashes the job: each of its rows becomes a dead letter naming the 
   file. Row groups are spread over workers by a reshuffle. (Not ``ReadFromParquet``: asked for
   a column that one file lacks, it fails the whole job; here that file's rows become dead
   letters.)
-- TFRecord goes through ``ReadAllFromTFRecord``; each record is a ``tf.train.Example``.
+- TFRecord goes through ``fileio`` and Beam's TFRecord framing (``_ReadTFRecordFile``); each
+  record is a ``tf.train.Example``. A file whose framing breaks keeps the records before the
+  break; the rest of it is one dead letter.
 
 Written under ``--output``:
 
@@ -204,6 +206,38 @@ class _ReadParquetRowGroup(beam.DoFn):
                 row += size
 
 
+class _ReadTFRecordFile(beam.DoFn):
+    """Per matched file: ``(path, serialized record)`` pairs, in order.
+
+    Beam's own framing and CRC checks (``_TFRecordUtil``, what ``ReadFromTFRecord`` uses) read
+    each record; gzip is detected from the extension. When the framing breaks (a bad CRC, a
+    truncated file), the records before the break have been read; the rest of the file, whose
+    record count cannot be known, becomes one dead letter at stage ``read`` saying where it
+    broke, and the job goes on.
+    """
+
+    def process(self, readable: fileio.ReadableFile) -> Iterator[Any]:
+        from apache_beam.io.tfrecordio import _TFRecordUtil
+
+        path = readable.metadata.path
+        count = 0
+        try:
+            with readable.open(mime_type="application/octet-stream") as handle:
+                while (record := _TFRecordUtil.read_record(handle)) is not None:
+                    yield (path, record)
+                    count += 1
+        except Exception as error:  # noqa: BLE001 -- a broken file is data, not a crash
+            yield beam.pvalue.TaggedOutput(
+                "dead",
+                dead_letter(
+                    f"{os.path.basename(path)}#record-{count}-onwards",
+                    "read",
+                    f"corrupt TFRecord file {path}: {count} records read, the rest is "
+                    f"unreadable ({error})"[:2000],
+                ),
+            )
+
+
 class _ParseExample(beam.DoFn):
     """``(file, serialized tf.train.Example)`` -> a row, or a dead letter at stage read."""
 
@@ -288,11 +322,18 @@ class ReadRows(beam.PTransform):
             )
             dead = (listed.dead, rows.dead) | "ReadDead" >> beam.Flatten()
             return rows.rows, dead
-        records = patterns | "ReadTFRecord" >> beam.io.ReadAllFromTFRecord(with_filename=True)
-        parsed = records | "Parse" >> beam.ParDo(_ParseExample(config.columns())).with_outputs(
-            "dead", main="rows"
+        records = (
+            patterns
+            | "MatchRecords" >> fileio.MatchAll()
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "OpenRecords" >> fileio.ReadMatches()
+            | "ReadRecords" >> beam.ParDo(_ReadTFRecordFile()).with_outputs("dead", main="records")
         )
-        return parsed.rows, parsed.dead
+        parsed = records.records | "Parse" >> beam.ParDo(
+            _ParseExample(config.columns())
+        ).with_outputs("dead", main="rows")
+        dead = (records.dead, parsed.dead) | "ReadDead" >> beam.Flatten()
+        return parsed.rows, dead
 
 
 # -- writing ---------------------------------------------------------------------------------

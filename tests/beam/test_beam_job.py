@@ -290,6 +290,36 @@ def test_tfrecord_with_configured_keys_and_label_targets(tmp_path, model_path):
     np.testing.assert_allclose(stored, reference, atol=1e-3)  # float16 storage
 
 
+def test_tfrecord_files_with_broken_framing_keep_their_readable_records(tmp_path, model_path):
+    import gzip
+
+    (tmp_path / "in").mkdir()
+    rows = good_rows(9, with_mask=False)
+    write_tfrecord(str(tmp_path / "in" / "good.tfrecord"), rows[:3])
+    bad_crc = tmp_path / "in" / "bad-crc.tfrecord"
+    write_tfrecord(str(bad_crc), rows[3:6])
+    data = bytearray(bad_crc.read_bytes())
+    data[-10] ^= 0xFF  # inside the last record's payload: its CRC no longer matches
+    bad_crc.write_bytes(bytes(data))
+    truncated = tmp_path / "in" / "truncated.tfrecord"
+    write_tfrecord(str(truncated), rows[6:8])
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    zipped = tmp_path / "in" / "zipped.tfrecord.gz"
+    write_tfrecord(str(tmp_path / "plain.tfrecord"), rows[8:])
+    zipped.write_bytes(gzip.compress((tmp_path / "plain.tfrecord").read_bytes()))
+    summary = job.run(config(tmp_path, model_path, input=str(tmp_path / "in" / "*.tfrecord*")))
+    assert (summary["input"], summary["explained"], summary["failed"]) == (9, 7, 2)
+    maps, dead = read_output(str(tmp_path / "out"))
+    assert maps.column("id").to_pylist() == [r["id"] for r in rows[:5] + rows[6:7] + rows[8:]]
+    assert dead.column("id").to_pylist() == [
+        "bad-crc.tfrecord#record-2-onwards", "truncated.tfrecord#record-1-onwards"
+    ]
+    assert set(dead.column("stage").to_pylist()) == {"read"}
+    errors = dead.column("error").to_pylist()
+    assert "2 records read" in errors[0] and "Mismatch of data mask" in errors[0]
+    assert "1 records read" in errors[1] and "Fewer than" in errors[1]
+
+
 def _main(argv: list[str]) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
