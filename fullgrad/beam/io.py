@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -226,7 +227,9 @@ class _ReadTFRecordFile(beam.DoFn):
                 while (record := _TFRecordUtil.read_record(handle)) is not None:
                     yield (path, record)
                     count += 1
-        except Exception as error:  # noqa: BLE001 -- a broken file is data, not a crash
+        except (ValueError, EOFError, zlib.error) as error:
+            # Broken framing or compression is data, not a crash. An I/O error (OSError) is not
+            # caught: the runner retries the bundle, and fails the job if it keeps failing.
             yield beam.pvalue.TaggedOutput(
                 "dead",
                 dead_letter(
