@@ -271,7 +271,7 @@ def encode_jpeg(array: np.ndarray, quality: int = THUMBNAIL_QUALITY) -> bytes:
 
     Example:
         >>> encode_jpeg(np.zeros([4, 4, 3], np.uint8))[:2]
-        b'\xff\xd8'
+        b'\\xff\\xd8'
     """
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(array, np.uint8)).save(
