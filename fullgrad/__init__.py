@@ -15,11 +15,13 @@ Example:
 from fullgrad import inspection, methods, utils
 from fullgrad.methods import Decomposition, FullGrad, FullGradResult, decompose, full_gradients
 from fullgrad.models import load_model
+from fullgrad.targets import TARGET_PREDICTED
 from fullgrad.utils import visualize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TARGET_PREDICTED",
     "Decomposition",
     "FullGrad",
     "FullGradResult",

@@ -35,11 +35,18 @@ import numpy as np
 import tensorflow as tf
 
 from fullgrad import inspection
+from fullgrad.targets import TARGET_PREDICTED
 
-__all__ = ["Decomposition", "FullGrad", "FullGradResult", "decompose", "full_gradients"]
+__all__ = [
+    "TARGET_PREDICTED",
+    "Decomposition",
+    "FullGrad",
+    "FullGradResult",
+    "decompose",
+    "full_gradients",
+]
 
 _EPS = 1e-6
-_TOP1 = -1  # target sentinel: explain the top-1 class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +369,7 @@ def _accumulate(by_resolution: dict[tuple[int, int], tf.Tensor], partial: tf.Ten
 
 def _targets_tensor(targets: Any, batch: int, k: int) -> tf.Tensor:
     if targets is None:
-        return tf.fill([batch, k], _TOP1)
+        return tf.fill([batch, k], TARGET_PREDICTED)
     targets = np.asarray(targets).astype(np.int32).reshape(batch, -1)
     return tf.constant(targets)
 

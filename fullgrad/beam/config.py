@@ -17,6 +17,7 @@ import dataclasses
 import os
 
 from fullgrad.images import DEFAULT_MAX_PIXELS, PREPROCESS_MODES
+from fullgrad.targets import TARGET_PREDICTED
 
 __all__ = [
     "FORMATS",
@@ -30,8 +31,6 @@ __all__ = [
 
 FORMATS = ("parquet", "tfrecord")
 MAP_DTYPES = ("float32", "float16", "uint8")
-#: The handler's target for "explain the top-1 predicted class".
-TARGET_PREDICTED = -1
 
 
 @dataclasses.dataclass(frozen=True)

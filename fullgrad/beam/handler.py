@@ -30,6 +30,8 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from fullgrad.targets import TARGET_PREDICTED
+
 __all__ = ["METRICS_NAMESPACE", "FullGradModelHandler", "LoadedExplainer"]
 
 #: Every metric of the job (ours and RunInference's) lives under this namespace.
@@ -64,7 +66,7 @@ class LoadedExplainer:
 
     Example:
         >>> explainer = LoadedExplainer("model.keras", image_size=32)
-        >>> out = explainer.explain(images, np.full([len(images)], -1))
+        >>> out = explainer.explain(images, np.full([len(images)], TARGET_PREDICTED))
         >>> out["maps"].shape
         (8, 32, 32)
     """
@@ -82,14 +84,15 @@ class LoadedExplainer:
         # Trace now, on one dummy image: the signature has a free batch dimension, so no batch
         # size traces again and the first real batch pays no tracing cost.
         channels = int(model.inputs[0].shape[-1] or 3)
-        self.explain(np.zeros([1, image_size, image_size, channels], np.float32), np.array([-1]))
+        blank = np.zeros([1, image_size, image_size, channels], np.float32)
+        self.explain(blank, np.array([TARGET_PREDICTED]))
 
     def explain(self, images: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
         """Explains a batch.
 
         Args:
             images: ``[B, H, W, C]`` float32, preprocessed.
-            targets: ``[B]`` ints; negative means "the top-1 predicted class".
+            targets: ``[B]`` ints; ``TARGET_PREDICTED`` means "the top-1 predicted class".
 
         Returns:
             ``maps [B, H, W]``, ``targets [B]``, ``logits [B]``, ``residual [B]``,
