@@ -46,6 +46,8 @@ import math
 
 import numpy as np
 
+from fullgrad.record import STATISTICS
+
 __all__ = [
     "STATISTICS",
     "StatisticsOptions",
@@ -59,8 +61,6 @@ __all__ = [
     "share_inside",
 ]
 
-#: Names of the per-image statistics, in the order they are reported and stored as columns.
-STATISTICS = ("concentration", "entropy", "border_energy", "mask_energy", "pointing_hit")
 
 
 @dataclasses.dataclass(frozen=True)

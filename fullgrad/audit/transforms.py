@@ -48,7 +48,8 @@ import apache_beam as beam
 import numpy as np
 
 from fullgrad.audit.settings import AuditSettings
-from fullgrad.audit.stats import STATISTICS, border_band, image_statistics
+from fullgrad.audit.stats import border_band, image_statistics
+from fullgrad.record import STATISTIC_COLUMNS, STATISTICS
 
 __all__ = [
     "EXTREMES",
@@ -64,8 +65,6 @@ __all__ = [
     "with_statistics",
 ]
 
-#: Per-image statistics that are aggregated (the stats module's plus the mask's area share).
-AGGREGATED = (*STATISTICS, "mask_area")
 
 #: The example lists kept for the report: name -> (statistic, keep the largest?).
 EXTREMES: dict[str, tuple[str, bool]] = {
@@ -140,12 +139,12 @@ def with_statistics(record: Mapping[str, Any], settings: AuditSettings) -> dict[
 
 
 def _empty_class(bins: int) -> dict[str, Any]:
-    moments = {name: np.zeros(3) for name in AGGREGATED}  # count, sum, sum of squares
+    moments = {name: np.zeros(3) for name in STATISTIC_COLUMNS}  # count, sum, sum of squares
     return {
         "count": 0,
         "map_sum": None,
         "moments": moments,
-        "histograms": {name: np.zeros(bins, np.int64) for name in AGGREGATED},
+        "histograms": {name: np.zeros(bins, np.int64) for name in STATISTIC_COLUMNS},
         "flags": {"off_object": 0, "on_border": 0, "any": 0},
         "labelled": 0,
         "correct": 0,
@@ -192,7 +191,7 @@ class ClassStatisticsCombineFn(beam.CombineFn):
             )
         part["count"] += 1
         part["map_sum"] += np.nan_to_num(saliency)
-        for name in AGGREGATED:
+        for name in STATISTIC_COLUMNS:
             value = _float(record.get(name))
             if math.isfinite(value):
                 part["moments"][name] += (1.0, value, value * value)
@@ -234,7 +233,7 @@ class ClassStatisticsCombineFn(beam.CombineFn):
                         )
                     else:
                         into["map_sum"] += part["map_sum"]
-                for name in AGGREGATED:
+                for name in STATISTIC_COLUMNS:
                     into["moments"][name] += part["moments"][name]
                     into["histograms"][name] += part["histograms"][name]
                 for reason, count in part["flags"].items():
@@ -290,7 +289,7 @@ def _summarise(part: dict[str, Any]) -> dict[str, Any]:
                 **_moments(part["moments"][name]),
                 "histogram": part["histograms"][name].tolist(),
             }
-            for name in AGGREGATED
+            for name in STATISTIC_COLUMNS
         },
         "flagged_images": dict(part["flags"]),
         "accuracy": part["correct"] / part["labelled"] if part["labelled"] else None,
@@ -395,7 +394,7 @@ class AuditCombineFn(beam.CombineFn):
         >>> with_stats | beam.CombineGlobally(AuditCombineFn(settings))
     """
 
-    _PICTURES = ("id", "target", "label", "thumbnail", "map", "mask", *AGGREGATED, "flags")
+    _PICTURES = ("id", "target", "label", "thumbnail", "map", "mask", *STATISTIC_COLUMNS, "flags")
 
     def __init__(self, settings: AuditSettings):
         n = settings.examples
@@ -501,7 +500,7 @@ def _dataset_summary(classes: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]
     """Pools the class summaries: image-weighted means and summed histograms."""
     count = sum(c["count"] for c in classes.values())
     pooled: dict[str, Any] = {"count": count, "statistics": {}}
-    for name in AGGREGATED:
+    for name in STATISTIC_COLUMNS:
         parts = [c["statistics"][name] for c in classes.values() if c["statistics"][name]["count"]]
         n = sum(p["count"] for p in parts)
         pooled["statistics"][name] = {

@@ -16,16 +16,16 @@ column never crashes the job: each of its rows becomes a dead letter naming the 
 
 Written under ``--output``:
 
-- ``maps-SSSSS-of-NNNNN.parquet``: one row per explained image (``maps_schema``); ``map`` is an
-  Arrow ``fixed_shape_tensor`` column, read back with ``read_maps``;
+- ``maps-SSSSS-of-NNNNN.parquet``: one row per explained image, in the form
+  :mod:`fullgrad.record` declares (read back with ``fullgrad.record.from_table``/``read_maps``);
 - ``dead_letter-SSSSS-of-NNNNN.parquet``: ``id``, ``stage``, ``error``;
-- ``maps-SSSSS-of-NNNNN.tfrecord`` with ``--write-tfrecord``;
+- ``maps-SSSSS-of-NNNNN.tfrecord`` with ``--write-tfrecord`` (``fullgrad.record.to_example``);
 - ``overlays/<safe id>.png`` with ``--overlays N``; file names come from ``safe_file_name``.
 
 Example:
     >>> rows, dead = pipeline | ReadRows(config)
     >>> table = pyarrow.parquet.read_table("out/maps-00000-of-00001.parquet")
-    >>> maps = read_maps(table)                           # numpy [N, h, w] float32 in [0, 1]
+    >>> maps = fullgrad.record.read_maps(table)           # numpy [N, h, w] float32 in [0, 1]
 """
 
 from __future__ import annotations
@@ -35,34 +35,27 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
+from fullgrad import record
 from fullgrad.beam.config import Columns, JobConfig
-from fullgrad.images import encode_jpeg, encode_png
+from fullgrad.record import dead_letter
 
 __all__ = [
-    "AUDIT_COLUMNS",
     "DEAD_LETTER_PREFIX",
-    "DEAD_LETTER_SCHEMA",
     "MAPS_PREFIX",
     "ReadRows",
     "WriteDeadLetters",
     "WriteMaps",
     "WriteMapsTFRecord",
     "WriteOverlays",
-    "dead_letter",
     "input_patterns",
-    "maps_schema",
-    "read_maps",
-    "record_to_example",
-    "records_to_table",
     "safe_file_name",
 ]
 
@@ -71,21 +64,6 @@ DEAD_LETTER_PREFIX = "dead_letter"
 OVERLAY_DIR = "overlays"
 _READ_BATCH_ROWS = 64
 _WRITE_BATCH_ROWS = 64
-
-DEAD_LETTER_SCHEMA = pa.schema(
-    [("id", pa.string()), ("stage", pa.string()), ("error", pa.string())]
-)
-
-
-def dead_letter(record_id: Any, stage: str, error: Any) -> dict[str, str]:
-    """A dead-letter record: the contract shared by every stage of the job.
-
-    Example:
-        >>> dead_letter("img-1", "decode", "empty image bytes")
-        {'id': 'img-1', 'stage': 'decode', 'error': 'empty image bytes'}
-    """
-    return {"id": str(record_id), "stage": stage, "error": str(error)}
-
 
 def input_patterns(spec: str) -> list[str]:
     """Splits ``--input`` into globs (comma-separated), dropping blanks.
@@ -224,8 +202,8 @@ class _ReadTFRecordFile(beam.DoFn):
         count = 0
         try:
             with readable.open(mime_type="application/octet-stream") as handle:
-                while (record := _TFRecordUtil.read_record(handle)) is not None:
-                    yield (path, record)
+                while (serialized := _TFRecordUtil.read_record(handle)) is not None:
+                    yield (path, serialized)
                     count += 1
         except (ValueError, EOFError, zlib.error) as error:
             # Broken framing or compression is data, not a crash. An I/O error (OSError) is not
@@ -341,111 +319,6 @@ class ReadRows(beam.PTransform):
 
 # -- writing ---------------------------------------------------------------------------------
 
-_MAP_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "uint8": pa.uint8()}
-
-
-def maps_schema(map_size: int, map_dtype: str) -> pa.Schema:
-    """The schema of ``maps-*.parquet``; ``map`` is a ``fixed_shape_tensor`` of ``[h, w]``.
-
-    ``uint8`` maps hold ``round(map * 255)``; the schema metadata says how to undo the cast
-    (``fullgrad.map_scale``), and ``read_maps`` does it.
-
-    Example:
-        >>> maps_schema(56, "uint8").field("map").type.shape
-        [56, 56]
-    """
-    tensor = pa.fixed_shape_tensor(_MAP_TYPES[map_dtype], [map_size, map_size])
-    scale = "255" if map_dtype == "uint8" else "1"
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("target", pa.int32()),
-            ("logit", pa.float32()),
-            ("label", pa.int64()),
-            ("topk_classes", pa.list_(pa.int32())),
-            ("topk_logits", pa.list_(pa.float32())),
-            ("residual", pa.float32()),
-            ("map", tensor),
-            ("thumbnail", pa.binary()),
-            ("mask", pa.binary()),
-            # Per-image audit statistics (fullgrad.audit.stats); null when not computed.
-            *((name, pa.float32()) for name in AUDIT_COLUMNS),
-        ],
-        metadata={"fullgrad.map_dtype": map_dtype, "fullgrad.map_scale": scale},
-    )
-
-
-def _cast_maps(maps: np.ndarray, map_dtype: str) -> np.ndarray:
-    if map_dtype == "uint8":
-        return np.round(np.clip(maps, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return maps.astype(map_dtype)
-
-
-#: The per-image audit statistics stored as columns of ``maps-*.parquet``.
-AUDIT_COLUMNS = ("concentration", "entropy", "border_energy", "mask_energy", "pointing_hit",
-                 "mask_area")
-
-
-def _statistic(value: Any) -> float | None:
-    """A statistic as a Parquet value: NaN (no mask) and absent become null."""
-    if value is None or not np.isfinite(value):
-        return None
-    return float(value)
-
-
-def records_to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
-    """Explained records -> a ``pa.Table`` of ``schema`` (from ``maps_schema``).
-
-    The map is cast to the schema's dtype; thumbnails are JPEG-encoded, masks PNG-encoded
-    (lossless: they are measured).
-
-    Example:
-        >>> table = records_to_table(records, maps_schema(56, "uint8"))
-    """
-    map_type = schema.field("map").type
-    dtype = schema.metadata[b"fullgrad.map_dtype"].decode()
-    maps = _cast_maps(np.stack([r["map"] for r in records]), dtype)
-    tensor = pa.ExtensionArray.from_storage(
-        map_type,
-        pa.FixedSizeListArray.from_arrays(
-            pa.array(maps.reshape(-1), type=map_type.value_type), int(np.prod(map_type.shape))
-        ),
-    )
-    columns = {
-        "id": pa.array([r["id"] for r in records], pa.string()),
-        "target": pa.array([int(r["target"]) for r in records], pa.int32()),
-        "logit": pa.array([float(r["logit"]) for r in records], pa.float32()),
-        "label": pa.array([r.get("label") for r in records], pa.int64()),
-        "topk_classes": pa.array([list(map(int, r["topk_classes"])) for r in records],
-                                 pa.list_(pa.int32())),
-        "topk_logits": pa.array([list(map(float, r["topk_logits"])) for r in records],
-                                pa.list_(pa.float32())),
-        "residual": pa.array([float(r["residual"]) for r in records], pa.float32()),
-        "map": tensor,
-        "thumbnail": pa.array([encode_jpeg(r["thumbnail"]) for r in records], pa.binary()),
-        "mask": pa.array(
-            [None if r.get("mask") is None else encode_png(r["mask"]) for r in records],
-            pa.binary(),
-        ),
-        **{
-            name: pa.array([_statistic(r.get(name)) for r in records], pa.float32())
-            for name in AUDIT_COLUMNS
-        },
-    }
-    return pa.Table.from_pydict(columns, schema=schema)
-
-
-def read_maps(table: pa.Table) -> np.ndarray:
-    """The ``map`` column of a maps table as float32 ``[N, h, w]`` in [0, 1].
-
-    Example:
-        >>> import pyarrow.parquet as pq
-        >>> maps = read_maps(pq.read_table("out/maps-00000-of-00001.parquet"))
-    """
-    column = table.column("map").combine_chunks()
-    scale = float((table.schema.metadata or {}).get(b"fullgrad.map_scale", b"1"))
-    return column.to_numpy_ndarray().astype(np.float32) / scale
-
 
 class _ToTables(beam.PTransform):
     def __init__(self, to_table: Any) -> None:
@@ -469,14 +342,14 @@ class WriteMaps(beam.PTransform):
 
     def __init__(self, config: JobConfig) -> None:
         super().__init__()
-        self._schema = maps_schema(config.resolved_map_size(), config.map_dtype)
+        self._schema = record.schema(config.resolved_map_size(), config.map_dtype)
         self._output = config.output
 
     def expand(self, records: beam.PCollection) -> beam.pvalue.PDone:
         schema = self._schema
         return (
             records
-            | "Tables" >> _ToTables(lambda batch: records_to_table(batch, schema))
+            | "Tables" >> _ToTables(lambda batch: record.to_table(batch, schema))
             | "Write"
             >> beam.io.WriteToParquetBatched(
                 FileSystems.join(self._output, MAPS_PREFIX),
@@ -499,70 +372,21 @@ class WriteDeadLetters(beam.PTransform):
         self._output = output
 
     def expand(self, dead: beam.PCollection) -> beam.pvalue.PDone:
-        def to_table(batch: list[dict]) -> pa.Table:
-            return pa.Table.from_pylist(
-                [{k: str(d[k]) for k in ("id", "stage", "error")} for d in batch],
-                schema=DEAD_LETTER_SCHEMA,
-            )
-
         return (
             dead
-            | "Tables" >> _ToTables(to_table)
+            | "Tables" >> _ToTables(record.dead_letters_to_table)
             | "Write"
             >> beam.io.WriteToParquetBatched(
                 FileSystems.join(self._output, DEAD_LETTER_PREFIX),
-                schema=DEAD_LETTER_SCHEMA,
+                schema=record.DEAD_LETTER_SCHEMA,
                 codec="zstd",
                 file_name_suffix=".parquet",
             )
         )
 
 
-def record_to_example(record: dict, map_dtype: str) -> bytes:
-    """An explained record as a serialized ``tf.train.Example``.
-
-    Keys: ``id``, ``target``, ``logit``, ``label`` (when known), ``topk_classes``,
-    ``topk_logits``, ``residual``, ``map`` (raw bytes of ``map_dtype``), ``map/shape``,
-    ``map/dtype``, ``thumbnail`` (JPEG), ``mask`` (PNG, when known).
-
-    Example:
-        >>> example = tf.train.Example.FromString(record_to_example(record, "float16"))
-        >>> np.frombuffer(example.features.feature["map"].bytes_list.value[0], np.float16)
-    """
-    from tensorflow.core.example import example_pb2, feature_pb2
-
-    def ints(values: Iterable[int]) -> feature_pb2.Feature:
-        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=list(values)))
-
-    def floats(values: Iterable[float]) -> feature_pb2.Feature:
-        return feature_pb2.Feature(float_list=feature_pb2.FloatList(value=list(values)))
-
-    def raw(*values: bytes) -> feature_pb2.Feature:
-        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=list(values)))
-
-    saliency = _cast_maps(np.asarray(record["map"]), map_dtype)
-    feature = {
-        "id": raw(record["id"].encode()),
-        "target": ints([int(record["target"])]),
-        "logit": floats([float(record["logit"])]),
-        "topk_classes": ints(map(int, record["topk_classes"])),
-        "topk_logits": floats(map(float, record["topk_logits"])),
-        "residual": floats([float(record["residual"])]),
-        "map": raw(saliency.tobytes()),
-        "map/shape": ints(saliency.shape),
-        "map/dtype": raw(map_dtype.encode()),
-        "thumbnail": raw(encode_jpeg(record["thumbnail"])),
-    }
-    if record.get("label") is not None:
-        feature["label"] = ints([int(record["label"])])
-    if record.get("mask") is not None:
-        feature["mask"] = raw(encode_png(record["mask"]))
-    example = example_pb2.Example(features=feature_pb2.Features(feature=feature))
-    return example.SerializeToString()
-
-
 class WriteMapsTFRecord(beam.PTransform):
-    """Writes explained records to ``<output>/maps-*.tfrecord`` (``record_to_example``)."""
+    """Writes explained records to ``<output>/maps-*.tfrecord`` (``fullgrad.record.to_example``)."""
 
     def __init__(self, config: JobConfig) -> None:
         super().__init__()
@@ -573,7 +397,7 @@ class WriteMapsTFRecord(beam.PTransform):
         dtype = self._dtype
         return (
             records
-            | "Serialize" >> beam.Map(lambda record: record_to_example(record, dtype))
+            | "Serialize" >> beam.Map(record.to_example, dtype)
             | "Write"
             >> beam.io.WriteToTFRecord(
                 FileSystems.join(self._output, MAPS_PREFIX), file_name_suffix=".tfrecord"
@@ -581,13 +405,13 @@ class WriteMapsTFRecord(beam.PTransform):
         )
 
 
-def _write_overlay(record: dict, folder: str) -> str:
+def _write_overlay(explained: dict, folder: str) -> str:
     from PIL import Image
 
     from fullgrad.utils import overlay
 
-    path = FileSystems.join(folder, safe_file_name(record["id"]))
-    picture = overlay(record["thumbnail"], record["map"])
+    path = FileSystems.join(folder, safe_file_name(explained["id"]))
+    picture = overlay(explained["thumbnail"], explained["map"])
     with FileSystems.create(path) as handle:
         Image.fromarray(picture).save(handle, format="PNG")
     return path
@@ -613,9 +437,9 @@ class WriteOverlays(beam.PTransform):
 
         def write_all(chosen: list[dict]) -> list[str]:
             index = {}
-            for record in chosen:
-                path = _write_overlay(record, folder)
-                index[os.path.basename(path)] = record["id"]
+            for explained in chosen:
+                path = _write_overlay(explained, folder)
+                index[os.path.basename(path)] = explained["id"]
             with FileSystems.create(FileSystems.join(folder, "index.json")) as handle:
                 handle.write(json.dumps(index, indent=1, sort_keys=True).encode())
             return sorted(index)

@@ -24,10 +24,18 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 
-from fullgrad.beam.config import TARGET_PREDICTED, JobConfig
+from fullgrad.beam.config import JobConfig
 from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler
-from fullgrad.beam.io import dead_letter
-from fullgrad.images import ImageError, decode_image, decode_mask, pixels_to_rgb, preprocess
+from fullgrad.images import (
+    ImageError,
+    decode_image,
+    decode_mask,
+    pixels_to_rgb,
+    preprocess,
+    resize_map,
+)
+from fullgrad.record import dead_letter, explained
+from fullgrad.targets import TARGET_PREDICTED
 
 __all__ = ["DecodeRows", "ExplainRows", "ToRecords", "count_failure", "handler_for"]
 
@@ -187,10 +195,9 @@ class DecodeRows(beam.DoFn):
 class ToRecords(beam.DoFn):
     """``PredictionResult`` -> explained record, or a dead letter at stage ``explain``.
 
-    The record: ``id``, ``target``, ``logit``, ``label``, ``topk_classes``, ``topk_logits``,
-    ``residual``, ``map`` (float32 ``[h, w]`` in [0, 1] at the map size), ``mask`` (bool
-    ``[h, w]`` or None) and ``thumbnail`` (uint8 ``[h, w, 3]``). A non-finite map or logit is a
-    dead letter, never a row. Logs a progress line every ``progress_every`` images per worker.
+    The record is :mod:`fullgrad.record`'s, with the map resized to the map size. A non-finite
+    map or logit is a dead letter, never a row. Logs a progress line every ``progress_every``
+    images per worker.
 
     Example Usage:
         >>> records = results | beam.ParDo(ToRecords(config)).with_outputs("dead", main="explained")
@@ -206,8 +213,6 @@ class ToRecords(beam.DoFn):
         self._explained = Metrics.counter(METRICS_NAMESPACE, "images_explained")
 
     def process(self, result: PredictionResult) -> Iterator[Any]:
-        from fullgrad.images import resize_map
-
         request, inference = result.example, result.inference
         if "error" in inference:
             yield beam.pvalue.TaggedOutput(
@@ -224,18 +229,7 @@ class ToRecords(beam.DoFn):
             return
         self._explained.inc()
         self._progress()
-        yield {
-            "id": request["id"],
-            "target": int(inference["target"]),
-            "logit": float(inference["logit"]),
-            "label": request.get("label"),
-            "topk_classes": [int(c) for c in inference["topk_classes"]],
-            "topk_logits": [float(v) for v in inference["topk_logits"]],
-            "residual": float(inference["residual"]),
-            "map": resize_map(saliency, self._map_size),
-            "mask": request.get("mask"),
-            "thumbnail": request["thumbnail"],
-        }
+        yield explained(request, {**inference, "map": resize_map(saliency, self._map_size)})
 
     def _progress(self) -> None:
         self._count += 1

@@ -6,8 +6,8 @@ import json
 
 import pyarrow.parquet as pq
 
+from fullgrad import record
 from fullgrad.audit.transforms import AuditSettings, with_statistics
-from fullgrad.beam.io import maps_schema, records_to_table
 from fullgrad.cli import main as cli_main
 
 from .conftest import SIZE, planted_records
@@ -16,9 +16,9 @@ from .conftest import SIZE, planted_records
 def write_maps(folder, records, dtype="float16"):
     settings = AuditSettings()
     enriched = [with_statistics(r, settings) for r in records]
-    schema = maps_schema(SIZE, dtype)
+    schema = record.schema(SIZE, dtype)
     for shard, start in enumerate(range(0, len(enriched), 50)):
-        table = records_to_table(enriched[start : start + 50], schema)
+        table = record.to_table(enriched[start : start + 50], schema)
         pq.write_table(table, folder / f"maps-{shard:05d}-of-00003.parquet")
     return enriched
 

@@ -22,7 +22,7 @@ from beamdata import SIZE, build_model, good_rows, read_output, write_parquet, w
 
 from fullgrad.beam import job
 from fullgrad.beam.config import JobConfig
-from fullgrad.beam.io import read_maps
+from fullgrad.record import read_maps
 
 BUCKET = "fullgrad-test"
 

@@ -22,7 +22,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from fullgrad.beam.dask import RUNNER_NAME, connect_client, dask_pipeline_args
-from fullgrad.beam.job import DEFAULT_RUNNER
+from fullgrad.beam.options import DEFAULT_RUNNER
 
 
 class _Split(beam.DoFn):

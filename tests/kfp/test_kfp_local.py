@@ -60,9 +60,9 @@ def _executor_output(root: Path, task: str) -> dict:
 def test_pipeline_end_to_end(local_kfp, tiny_dataset, tiny_model):
     """The production pipeline (GPU request included) over the tiny data: maps, report, metrics."""
     from fullgrad.audit.stats import image_statistics
-    from fullgrad.beam.io import read_maps
     from fullgrad.images import decode_mask
     from fullgrad.kfp.pipeline import build_pipeline
+    from fullgrad.record import read_maps
 
     pipeline = build_pipeline()  # as compiled: explain asks for 1 nvidia.com/gpu
     with pytest.warns(UserWarning, match=r"'explain': settings \['accelerator'\] have no effect"):

@@ -1,0 +1,129 @@
+"""fullgrad.record: one declaration of the explained record, and its two stored forms."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fullgrad import record
+from fullgrad.images import decode_image, encode_jpeg
+
+
+def make_record(index: int, rng: np.random.Generator, with_mask: bool) -> dict:
+    saliency = rng.uniform(size=(12, 12)).astype(np.float32)
+    mask = np.zeros((12, 12), bool)
+    mask[2:7, 3:9] = True
+    values = {
+        "id": f"img-{index}",
+        "target": np.int32(index % 3),
+        "logit": np.float32(1.5 + index),
+        "label": None if index == 1 else np.int64(index % 3),
+        "topk_classes": np.array([index % 3, 2], np.int32),
+        "topk_logits": np.array([1.5 + index, 0.25], np.float32),
+        "residual": np.float32(1e-7),
+        "map": saliency,
+        "thumbnail": rng.integers(0, 256, (12, 12, 3), dtype=np.uint8),
+        "mask": mask if with_mask else None,
+        "concentration": 0.3,
+        "entropy": 0.9,
+        "border_energy": 0.1,
+        "mask_energy": 0.6 if with_mask else math.nan,
+        "pointing_hit": 1.0 if with_mask else math.nan,
+        "mask_area": float(mask.mean()) if with_mask else math.nan,
+    }
+    return values
+
+
+@pytest.fixture
+def records():
+    rng = np.random.default_rng(0)
+    return [make_record(i, rng, with_mask=i != 2) for i in range(4)]
+
+
+def test_fields_name_every_column_once():
+    names = [field.name for field in record.FIELDS]
+    assert len(names) == len(set(names))
+    assert record.schema(12, "float16").names == names
+    assert set(record.STATISTIC_COLUMNS) <= set(names)
+    assert set(record.STATISTICS) < set(record.STATISTIC_COLUMNS)
+
+
+def check_same(back: dict, original: dict, map_atol: float) -> None:
+    assert set(back) == {field.name for field in record.FIELDS}
+    for name in ("id", "target", "label", "topk_classes"):
+        expected = original[name]
+        expected = expected.tolist() if isinstance(expected, np.ndarray) else expected
+        assert back[name] == (None if expected is None else expected), name
+    for name in ("logit", "residual", *record.STATISTIC_COLUMNS):
+        np.testing.assert_allclose(back[name], original[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(back["topk_logits"], original["topk_logits"], rtol=1e-6)
+    np.testing.assert_allclose(back["map"], original["map"], atol=map_atol)
+    # The thumbnail is stored as JPEG: it comes back as the JPEG decodes.
+    np.testing.assert_array_equal(
+        back["thumbnail"], decode_image(encode_jpeg(original["thumbnail"]), (12, 12))
+    )
+    if original["mask"] is None:
+        assert back["mask"] is None
+    else:
+        np.testing.assert_array_equal(back["mask"], original["mask"])
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("float32", 0), ("float16", 1e-3), ("uint8", 0.5 / 255)])
+def test_arrow_round_trip(records, dtype, atol):
+    table = record.to_table(records, record.schema(12, dtype))
+    assert table.schema.field("map").type.value_type == pa.type_for_alias(dtype)
+    # Non-finite statistics are stored as nulls, not NaN.
+    assert table.column("mask_energy").null_count == 1
+    back = list(record.from_table(table))
+    assert len(back) == len(records)
+    for restored, original in zip(back, records, strict=True):
+        check_same(restored, original, atol)
+    np.testing.assert_allclose(record.read_maps(table), [r["map"] for r in records], atol=atol)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("float32", 0), ("uint8", 0.5 / 255)])
+def test_example_round_trip(records, dtype, atol):
+    for original in records:
+        check_same(record.from_example(record.to_example(original, dtype)), original, atol)
+
+
+def test_example_leaves_null_fields_out(records):
+    from tensorflow.core.example import example_pb2
+
+    no_mask = example_pb2.Example.FromString(record.to_example(records[2], "float16"))
+    keys = set(no_mask.features.feature)
+    assert {"mask", "mask_energy", "pointing_hit", "mask_area"}.isdisjoint(keys)
+    assert {"id", "map", "map/shape", "map/dtype", "thumbnail", "concentration"} <= keys
+    unlabelled = example_pb2.Example.FromString(record.to_example(records[1], "float16"))
+    assert "label" not in unlabelled.features.feature
+
+
+def test_a_table_without_statistic_columns_reads_as_unmeasured(records):
+    table = record.to_table(records, record.schema(12, "float32"))
+    older = table.drop_columns(list(record.STATISTIC_COLUMNS))
+    back = next(record.from_table(older))
+    assert all(math.isnan(back[name]) for name in record.STATISTIC_COLUMNS)
+    assert back["id"] == "img-0"
+
+
+def test_explained_takes_inference_then_request_and_is_json_ready():
+    request = {"id": "a", "label": np.int64(4), "mask": None, "thumbnail": "rgb", "image": "x"}
+    inference = {"map": "m", "target": np.int32(4), "logit": np.float32(2.5),
+                 "residual": np.float32(0.0), "topk_classes": np.array([4, 1]),
+                 "topk_logits": np.array([2.5, 1.0], np.float32)}
+    out = record.explained(request, inference)
+    assert set(out) == {field.name for field in record.FIELDS}  # "image" is not a field
+    assert out["map"] == "m" and out["thumbnail"] == "rgb" and out["label"] == 4
+    assert out["concentration"] is None  # measured later by the audit
+    json.dumps({k: out[k] for k in ("id", "target", "logit", "label", "topk_classes",
+                                    "topk_logits", "residual")})
+
+
+def test_dead_letters_table():
+    table = record.dead_letters_to_table([record.dead_letter("a", "decode", ValueError("bad"))])
+    assert table.schema == record.DEAD_LETTER_SCHEMA
+    assert table.to_pylist() == [{"id": "a", "stage": "decode", "error": "bad"}]
