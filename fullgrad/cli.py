@@ -22,13 +22,13 @@ __all__ = ["COMMANDS", "main"]
 #: name -> (module implementing it, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("fullgrad.beam.job", "Run the Beam job: FullGrad maps (and the audit) over a dataset."),
-    "audit": ("fullgrad.audit.command", "Audit maps already written by `fullgrad run`."),
+    "audit": ("fullgrad.beam.audit_job", "Audit maps already written by `fullgrad run`."),
     "demo": ("fullgrad.demo.command", "Build the demo dataset and model, run the job and the audit."),
     "compile": ("fullgrad.kfp.compile", "Compile the Kubeflow components and pipeline to YAML."),
     "schedule": ("fullgrad.kfp.schedule", "Create, list or delete recurring Kubeflow runs."),
 }
 
-#: Subcommands that accept flags they do not know and hand them on (to Beam's PipelineOptions).
+#: Subcommands that also take Beam's pipeline options (any other unknown flag is an error).
 PASS_THROUGH = {"run", "audit", "demo"}
 
 
@@ -57,10 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     top = _top_level_parser().parse_args(argv)
     module_name, text = COMMANDS[top.command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"fullgrad {top.command}", description=text)
+    parser = argparse.ArgumentParser(
+        prog=f"fullgrad {top.command}", description=text, allow_abbrev=False
+    )
     module.add_arguments(parser)
     if top.command in PASS_THROUGH:
-        args, extra = parser.parse_known_args(top.arguments)
+        from fullgrad.beam.options import parse_flags
+
+        args, extra = parse_flags(parser, top.arguments)
     else:
         args, extra = parser.parse_args(top.arguments), []
     return int(module.main(args, extra) or 0)

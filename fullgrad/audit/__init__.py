@@ -5,7 +5,8 @@ like shortcuts.
 - :mod:`fullgrad.audit.settings`: :class:`AuditSettings`, every threshold with its default;
 - :mod:`fullgrad.audit.transforms`: the Beam combiners and ``ComputeAudit``;
 - :mod:`fullgrad.audit.report`: ``write_audit`` -> ``audit.json`` and ``report.html``;
-- :mod:`fullgrad.audit.command`: ``fullgrad audit --maps DIR``.
+(``fullgrad audit --maps DIR``, the Beam job that re-audits written maps, is
+:mod:`fullgrad.beam.audit_job`: the audit sits below the Beam layer.)
 
 Example:
     >>> from fullgrad.audit.transforms import AuditSettings, ComputeAudit

@@ -13,18 +13,22 @@ Example:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
 
+from fullgrad import record
+from fullgrad.audit.report import write_audit
 from fullgrad.audit.settings import AuditSettings, add_settings_arguments, settings_from_args
+from fullgrad.audit.transforms import ComputeAudit
 
 __all__ = [
     "ReadMapRecords",
     "add_arguments",
     "main",
     "run_audit",
+    "settings_from_flags",
 ]
 
 
@@ -41,29 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser.add_argument_group("audit settings"))
 
 
-def _records(table: Any) -> Iterator[dict[str, Any]]:
-    """Explained records of one maps table; statistics are left to be recomputed."""
-    import numpy as np
-
-    from fullgrad.beam.io import read_maps
-    from fullgrad.images import decode_image, decode_mask
-
-    maps = read_maps(table)
-    size = maps.shape[1:]
-    columns = {name: table.column(name).to_pylist() for name in table.column_names if name != "map"}
-    for index in range(table.num_rows):
-        thumbnail = columns.get("thumbnail", [None] * table.num_rows)[index]
-        mask = columns.get("mask", [None] * table.num_rows)[index]
-        yield {
-            "id": columns["id"][index],
-            "target": columns["target"][index],
-            "label": columns.get("label", [None] * table.num_rows)[index],
-            "logit": columns.get("logit", [np.nan] * table.num_rows)[index],
-            "residual": columns.get("residual", [np.nan] * table.num_rows)[index],
-            "map": maps[index],
-            "mask": None if mask is None else decode_mask(mask, size),
-            "thumbnail": None if thumbnail is None else decode_image(thumbnail, size),
-        }
+def _without_statistics(explained: dict[str, Any]) -> dict[str, Any]:
+    """The record without its stored statistics, so the audit measures them anew."""
+    return {k: v for k, v in explained.items() if k not in record.STATISTIC_COLUMNS}
 
 
 class ReadMapRecords(beam.PTransform):
@@ -81,7 +65,8 @@ class ReadMapRecords(beam.PTransform):
         return (
             pbegin
             | "ReadMaps" >> beam.io.ReadFromParquetBatched(self._pattern)
-            | "Records" >> beam.FlatMap(_records)
+            | "Records" >> beam.FlatMap(record.from_table)
+            | "Unmeasured" >> beam.Map(_without_statistics)
         )
 
 
@@ -102,9 +87,7 @@ def run_audit(
     """
     from apache_beam.io.filesystems import FileSystems
 
-    from fullgrad.audit.report import write_audit
-    from fullgrad.audit.transforms import ComputeAudit
-    from fullgrad.beam.job import pipeline_options
+    from fullgrad.beam.options import pipeline_options
 
     options = pipeline_options(extra)
     FileSystems.set_options(options)  # s3:// and gs:// take their settings from the flags
@@ -120,6 +103,24 @@ def run_audit(
         )
     base = output_dir.rstrip("/")
     return {"json": f"{base}/audit.json", "html": f"{base}/report.html"}
+
+
+def settings_from_flags(argv: Sequence[str]) -> tuple[AuditSettings, list[str]]:
+    """The audit's settings from ``fullgrad audit`` threshold flags, and the Beam flags.
+
+    For callers that know the maps and output folders themselves (the Kubeflow task) and take
+    the thresholds from a user. Unknown flags are refused as on the command line.
+
+    Example:
+        >>> settings_from_flags(["--min-class-count", "1"])[0].min_class_count
+        1
+    """
+    from fullgrad.beam.options import parse_flags
+
+    parser = argparse.ArgumentParser(prog="fullgrad audit", allow_abbrev=False)
+    add_settings_arguments(parser)
+    args, beam_args = parse_flags(parser, argv)
+    return settings_from_args(args), beam_args
 
 
 def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
