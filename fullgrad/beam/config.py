@@ -13,24 +13,76 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import os
+from typing import Any
 
 from fullgrad.images import DEFAULT_MAX_PIXELS, PREPROCESS_MODES
-from fullgrad.targets import TARGET_PREDICTED
+from fullgrad.record import MAP_DTYPES
 
 __all__ = [
     "FORMATS",
-    "MAP_DTYPES",
     "PARQUET_COLUMNS",
-    "TARGET_PREDICTED",
     "TFRECORD_KEYS",
     "Columns",
     "JobConfig",
+    "KfpParameter",
+    "Setting",
+    "add_arguments",
+    "config_from_args",
+    "config_values",
+    "format_glob",
+    "format_of",
+    "kfp_parameters",
+    "settings_fields",
 ]
 
 FORMATS = ("parquet", "tfrecord")
-MAP_DTYPES = ("float32", "float16", "uint8")
+#: Extensions (after an optional ``.gz``) that tell an input's format.
+_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".tfrecord": "tfrecord",
+               ".tfrecords": "tfrecord", ".tfr": "tfrecord"}
+
+
+def format_of(path: str) -> str | None:
+    """The input format a file name or glob implies, or None.
+
+    ``.parquet``/``.pq`` are Parquet; ``.tfrecord``/``.tfrecords``/``.tfr``, also gzipped
+    (``.gz``) or sharded (``data.tfrecord-00000-of-00008``), are TFRecord.
+
+    Example:
+        >>> format_of("gs://b/train-*.tfrecords.gz"), format_of("a/part-0.parquet")
+        ('tfrecord', 'parquet')
+    """
+    found = _extension_of(path)
+    return _EXTENSIONS[found[1]] if found else None
+
+
+def _extension_of(path: str) -> tuple[int, str] | None:
+    """``(where the extension starts in the file name, the extension)``, or None."""
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    stem = name.removesuffix(".gz")
+    for extension in _EXTENSIONS:
+        if stem.endswith(extension):
+            return len(stem) - len(extension), extension
+    if ".tfrecord" in stem:  # sharded: data.tfrecord-00000-of-00008
+        return stem.rindex(".tfrecord"), ".tfrecord"
+    return None
+
+
+def format_glob(name: str) -> str | None:
+    """A glob that matches files named like ``name`` in its folder, or None if no format.
+
+    Example:
+        >>> format_glob("part-0.parquet"), format_glob("train.tfrecord-00000-of-00002")
+        ('*.parquet', '*.tfrecord*')
+    """
+    found = _extension_of(name)
+    if found is None:
+        return None
+    start, extension = found
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    suffix = base[start:]
+    return "*" + (suffix if suffix.lower().removesuffix(".gz") == extension else extension + "*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,71 +105,137 @@ TFRECORD_KEYS = Columns(
 )
 
 
-@dataclasses.dataclass
-class JobConfig:
-    """Everything the pipeline needs; validated by ``validate()``.
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How a ``JobConfig`` field is offered: its flag, help, and whether Kubeflow exposes it.
 
     Attributes:
-        input: A file glob (local, ``gs://``, ``s3://``), or several separated by commas.
-        model: The ``.keras`` / ``.h5`` classifier (local or remote).
-        output: The output folder.
-        image_size: Images are resized to ``image_size x image_size``.
-        preprocess: ``none|unit|tf|caffe|torch`` (see ``fullgrad.images.preprocess``).
-        batch_size: The largest batch handed to the model (Beam's ``BatchElements``).
-        min_batch_size: The smallest batch; equal to ``batch_size`` when None so batches are
-            full except at bundle ends.
-        format: ``parquet`` or ``tfrecord``; taken from the input's extension when None.
-        target: ``"predicted"`` (top-1), ``"label"`` (the record's label) or a class index.
-        top_k: How many top predictions each output row keeps.
-        map_size: Side of the stored map and thumbnail; ``image_size`` when None.
-        map_dtype: Storage type of the map column: float32, float16, or uint8 (``map * 255``).
-        overlays: How many PNG overlays to write (the smallest ids), 0 for none.
-        write_tfrecord: Also write the explained records as ``maps-*.tfrecord``.
-        audit: Run the attribution audit on the explained records.
-        overwrite: Replace earlier outputs in ``output``; without it a rerun is refused.
-        max_pixels: Largest decoded image, in pixels (decompression-bomb guard).
-        id_column, image_column, label_column, mask_column: Column names / Example keys;
-            the format's defaults when None.
-        safe_mode: Keras' safe_mode when loading the model.
-        progress_every: Log a progress line every this many images per worker (0: never).
-        decode_threads: Threads per worker that decode images ahead of the model, so decoding
-            overlaps the model's compute instead of waiting for it; 0 decodes inline.
-        model_copies: Load this many copies per machine and share them across processes
-            (Beam's ``model_copies``); one per process when None.
-        large_model: Share one model across the processes of a machine (Beam's ``large_model``).
-        num_classes: The model's class count, filled in by the job's model check.
-        audit_options: Keyword arguments of ``fullgrad.audit.transforms.AuditSettings`` (the
-            audit's thresholds and the per-image statistics written as map columns).
+        help: The flag's help, and the Kubeflow parameter's description.
+        group: The ``--help`` section.
+        type: The parsing type (``int``, ``str``); a bool field is a switch.
+        choices: Allowed values.
+        flag: The flag's spelling when it is not ``--field-name`` (e.g. ``--unsafe-model``).
+        kfp: Exposed as a Kubeflow component / pipeline parameter.
+        kfp_name: The parameter's name there, when it is not the field's name.
     """
 
-    input: str
-    model: str
-    output: str
-    image_size: int = 224
-    preprocess: str = "none"
-    batch_size: int = 32
-    min_batch_size: int | None = None
-    format: str | None = None
-    target: str | int = "predicted"
-    top_k: int = 5
-    map_size: int | None = None
-    map_dtype: str = "float16"
-    overlays: int = 0
-    write_tfrecord: bool = False
-    audit: bool = False
-    overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    id_column: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    mask_column: str | None = None
-    safe_mode: bool = True
-    progress_every: int = 1000
-    decode_threads: int = 2
-    model_copies: int | None = None
-    large_model: bool = False
+    help: str
+    group: str
+    type: type = str
+    choices: tuple[str, ...] | None = None
+    flag: str | None = None
+    kfp: bool = True
+    kfp_name: str | None = None
+
+
+def _setting(default: Any = dataclasses.MISSING, **options: Any) -> Any:
+    """A dataclass field carrying its :class:`Setting` (``required`` when no default)."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(**options)})
+
+
+@dataclasses.dataclass
+class JobConfig:
+    """Everything the pipeline needs, declared once: each field's flag and Kubeflow parameter.
+
+    ``fullgrad run``'s flags (:func:`add_arguments`), this dataclass and the Kubeflow
+    ``explain`` component's parameters (:func:`kfp_parameters`) all come from these fields, so a
+    new setting is one field here. A config is validated when it is built.
+
+    Example:
+        >>> JobConfig(input="data/*.parquet", model="model.keras", output="out",
+        ...           image_size=224, preprocess="torch").columns().image
+        'image'
+    """
+
+    input: str = _setting(
+        help="file glob(s), comma-separated; local, gs:// or s3://", group="data", kfp=False
+    )
+    model: str = _setting(
+        help=".keras/.h5 classifier file or gs:// s3:// URI", group="model", kfp=False
+    )
+    output: str = _setting(
+        help="output folder (local, gs://, s3://)", group="output", kfp=False
+    )
+    image_size: int = _setting(
+        224, help="images are resized to this side (the model's input)", group="model", type=int
+    )
+    preprocess: str = _setting(
+        "none", help="pixel scaling: 0..255, 0..1, or keras.applications' modes",
+        group="model", choices=PREPROCESS_MODES,
+    )
+    batch_size: int = _setting(32, help="the model's largest batch", group="model", type=int)
+    min_batch_size: int | None = _setting(
+        None, help="the smallest batch (default: --batch-size)", group="model", type=int
+    )
+    format: str | None = _setting(
+        None, help="input format (default: from the input's extension)", group="data",
+        choices=FORMATS, kfp_name="input_format",
+    )
+    target: str | int = _setting(
+        "predicted", help="the class explained: predicted | label | a class index",
+        group="model",
+    )
+    top_k: int = _setting(5, help="top predictions kept per image", group="model", type=int)
+    map_size: int | None = _setting(
+        None, help="side of stored maps and thumbnails (default: --image-size)", group="output",
+        type=int,
+    )
+    map_dtype: str = _setting(
+        "float16", help="storage type of the map column (uint8 holds map * 255)",
+        group="output", choices=MAP_DTYPES,
+    )
+    overlays: int = _setting(0, help="PNG overlays of N images", group="output", type=int)
+    write_tfrecord: bool = _setting(
+        False, help="also write the maps as maps-*.tfrecord", group="output"
+    )
+    audit: bool = _setting(False, help="run the attribution audit in the same pass",
+                           group="output")
+    overwrite: bool = _setting(
+        False, help="replace an earlier run's outputs (default: refuse)", group="output",
+        kfp=False,  # a Kubeflow task always owns its output folder
+    )
+    max_pixels: int = _setting(
+        DEFAULT_MAX_PIXELS, help="largest decoded image (decompression-bomb guard)",
+        group="data", type=int,
+    )
+    id_column: str | None = _setting(
+        None, help="id column / Example key (default id | image/id)", group="data"
+    )
+    image_column: str | None = _setting(
+        None, help="image column / key (default image | image/encoded)", group="data"
+    )
+    label_column: str | None = _setting(
+        None, help="label column / key (default label | image/class/label)", group="data"
+    )
+    mask_column: str | None = _setting(
+        None, help="object-mask PNG column / key (default mask | image/mask)", group="data"
+    )
+    safe_mode: bool = _setting(
+        True, help="load the model in Keras safe_mode; the flag --unsafe-model turns it off "
+        "(only for files you trust)", group="model", flag="--unsafe-model",
+    )
+    progress_every: int = _setting(
+        1000, help="log a progress line every N images per worker (0: never)", group="output",
+        type=int,
+    )
+    decode_threads: int = _setting(
+        2, help="threads per worker decoding ahead of the model (0: inline)", group="data",
+        type=int,
+    )
+    model_copies: int | None = _setting(
+        None, help="share this many model copies across a machine's processes (GPU)",
+        group="model", type=int,
+    )
+    large_model: bool = _setting(
+        False, help="share one model across a machine's processes", group="model"
+    )
+    #: The model's class count, filled in by the job's model check (not a flag).
     num_classes: int | None = None
+    #: ``fullgrad.audit.settings.AuditSettings`` keywords (the ``--audit-*`` flags).
     audit_options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def resolved_format(self) -> str:
         """``parquet`` or ``tfrecord``: the ``format`` field, else the input's extension.
@@ -129,14 +247,9 @@ class JobConfig:
             if self.format not in FORMATS:
                 raise ValueError(f"unknown --format {self.format!r}; choose from {FORMATS}")
             return self.format
-        first = self.input.split(",")[0].strip().lower()
-        stem = first.removesuffix(".gz")
-        if stem.endswith((".parquet", ".pq")):
-            return "parquet"
-        if stem.endswith((".tfrecord", ".tfrecords", ".tfr")) or ".tfrecord" in os.path.basename(
-            stem
-        ):
-            return "tfrecord"
+        found = format_of(self.input.split(",")[0].strip())
+        if found:
+            return found
         raise ValueError(
             f"cannot tell the format of {self.input!r} from its extension; "
             "pass --format parquet|tfrecord"
@@ -196,3 +309,134 @@ class JobConfig:
         index = self.target_index()
         if index is not None and index < 0:
             raise ValueError("--target class index must be >= 0")
+
+
+# -- what the declaration generates --------------------------------------------------------------
+
+
+def settings_fields() -> list[dataclasses.Field]:
+    """The ``JobConfig`` fields that are settings (each has a flag), in declaration order."""
+    return [f for f in dataclasses.fields(JobConfig) if "setting" in f.metadata]
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata["setting"].flag or "--" + field.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: JobConfig | None = None) -> None:
+    """Adds one flag per setting of :class:`JobConfig`, grouped, with its help and default.
+
+    A bool setting is a switch: ``--audit`` turns ``audit`` on; a setting that defaults to True
+    has a flag that turns it off (``--unsafe-model`` sets ``safe_mode=False``).
+
+    Args:
+        parser: The parser (or group) to add to.
+        defaults: A config whose values become the defaults; then no flag is required (the
+            Kubeflow task parses its ``extra_args`` over the config it built).
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> parser.parse_args(["--input", "a.parquet", "--model", "m.keras",
+        ...                    "--output", "o", "--batch-size", "8"]).batch_size
+        8
+    """
+    groups: dict[str, Any] = {}
+    for field in settings_fields():
+        setting: Setting = field.metadata["setting"]
+        group = groups.get(setting.group)
+        if group is None:
+            group = groups[setting.group] = parser.add_argument_group(setting.group)
+        kwargs: dict[str, Any] = {"dest": field.name, "help": setting.help}
+        default = field.default if defaults is None else getattr(defaults, field.name)
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        elif isinstance(field.default, bool):
+            # The switch flips the declared default; a given config's value is kept unflipped.
+            kwargs["action"] = "store_false" if field.default else "store_true"
+            kwargs["default"] = default
+        else:
+            kwargs.update(type=setting.type, default=default)
+            if setting.choices:
+                kwargs["choices"] = setting.choices
+        group.add_argument(_flag(field), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, **extra: Any) -> JobConfig:
+    """The :class:`JobConfig` of flags added by :func:`add_arguments`.
+
+    Args:
+        args: Parsed flags.
+        extra: Fields that are not flags (``audit_options``, ``num_classes``).
+
+    Example:
+        >>> config_from_args(parser.parse_args(["--input", "a.parquet", "--model", "m.keras",
+        ...                                     "--output", "o"])).image_size
+        224
+    """
+    return JobConfig(**{f.name: getattr(args, f.name) for f in settings_fields()}, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class KfpParameter:
+    """A Kubeflow parameter generated from a setting.
+
+    kfp parameters cannot be None: an unset optional setting is ``""`` (text) or ``0``
+    (numbers), which :func:`config_values` turns back into None.
+
+    Attributes:
+        name: The parameter's name.
+        field: The ``JobConfig`` field it sets.
+        annotation: ``int``, ``str`` or ``bool``.
+        default: Its default in the component and the pipeline.
+        help: Its description.
+    """
+
+    name: str
+    field: str
+    annotation: type
+    default: Any
+    help: str
+
+
+def kfp_parameters() -> list[KfpParameter]:
+    """The settings the Kubeflow ``explain`` component and the pipeline take, typed.
+
+    Example:
+        >>> [p.name for p in kfp_parameters()][:3]
+        ['image_size', 'preprocess', 'batch_size']
+    """
+    parameters = []
+    for field in settings_fields():
+        setting: Setting = field.metadata["setting"]
+        if not setting.kfp:
+            continue
+        annotation = bool if isinstance(field.default, bool) else setting.type
+        default = field.default
+        if default is None:
+            default = annotation()
+        elif annotation is str:
+            default = str(default)
+        parameters.append(
+            KfpParameter(setting.kfp_name or field.name, field.name, annotation, default,
+                         setting.help)
+        )
+    return parameters
+
+
+def config_values(parameters: dict[str, Any]) -> dict[str, Any]:
+    """``JobConfig`` keywords from Kubeflow parameter values (``""``/``0`` -> None if optional).
+
+    Example:
+        >>> config_values({"input_format": "", "image_size": 32})
+        {'format': None, 'image_size': 32}
+    """
+    defaults = {f.name: f.default for f in settings_fields()}
+    values = {}
+    for parameter in kfp_parameters():
+        if parameter.name not in parameters:
+            continue
+        value = parameters[parameter.name]
+        if defaults[parameter.field] is None and value in ("", 0):
+            value = None
+        values[parameter.field] = value
+    return values

@@ -9,9 +9,8 @@ is refused unless ``--overwrite``, which deletes those outputs first, so two run
 failed``.
 
 Other entry points build the same pipeline: ``build_pipeline(pipeline, config)`` adds every
-stage to a ``beam.Pipeline`` and returns the collections; ``pipeline_options(extra)`` turns
-Beam flags into ``PipelineOptions`` with the offline runner pinned; ``run(config, extra)``
-does all of it and returns the summary.
+stage to a ``beam.Pipeline`` and returns the collections; ``run(config, extra)`` checks, runs
+it with ``fullgrad.beam.options.pipeline_options(extra)`` and returns the summary.
 
 Example:
     $ fullgrad run --input 'data/*.parquet' --model model.keras --output out \\
@@ -34,12 +33,14 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from fullgrad.beam.config import FORMATS, MAP_DTYPES, JobConfig
+from fullgrad.audit.settings import AuditSettings, add_settings_arguments, settings_from_args
+from fullgrad.beam.config import JobConfig
+from fullgrad.beam.config import add_arguments as add_job_arguments
+from fullgrad.beam.config import config_from_args as job_config_from_args
 from fullgrad.beam.dask import DaskSettings, add_dask_arguments
-from fullgrad.images import DEFAULT_MAX_PIXELS, PREPROCESS_MODES
+from fullgrad.beam.options import pipeline_options
 
 __all__ = [
-    "DEFAULT_RUNNER",
     "OWNED_OUTPUTS",
     "JobError",
     "JobOutputs",
@@ -48,19 +49,14 @@ __all__ = [
     "check_input",
     "check_model",
     "config_from_args",
+    "config_with_flags",
     "job_metrics",
     "main",
-    "pipeline_options",
     "prepare_output",
     "run",
 ]
 
 _LOGGER = logging.getLogger(__name__)
-
-#: The local runner used when no ``--runner`` is given: Beam's FnApiRunner, in-process (or
-#: ``--direct_running_mode multi_processing``). Beam 2.77's ``DirectRunner`` first tries the
-#: Prism runner, which downloads a Go binary from GitHub: that fails (slowly) offline.
-DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.fn_runner.FnApiRunner"
 
 #: Glob patterns of what a run writes in ``--output``: what ``--overwrite`` removes and what
 #: makes a rerun refuse. The audit's files are included so a rerun never keeps a stale report.
@@ -101,57 +97,20 @@ class JobOutputs:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``fullgrad run``; unknown flags go to Beam's ``PipelineOptions``."""
+    """The flags of ``fullgrad run``: the job's settings, Dask's and the audit's.
+
+    Any other flag must be a Beam pipeline option (``fullgrad.beam.options.parse_flags``).
+    """
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.epilog = (
-        "Any other flag goes to Beam's PipelineOptions, e.g. --runner DataflowRunner "
+        "Any Beam pipeline option is accepted too, e.g. --runner DataflowRunner "
         "--project P --region R --temp_location gs://b/tmp, or --direct_num_workers 2 "
         "--direct_running_mode multi_processing locally, or --runner dask [--dask-workers N | "
-        "--dask_client_address tcp://HOST:8786] on a dask.distributed cluster."
+        "--dask_client_address tcp://HOST:8786] on a dask.distributed cluster. Any other flag "
+        "is an error."
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--input", required=True, help="file glob(s), comma-separated; gs:// s3://")
-    data.add_argument("--format", choices=FORMATS, help="default: from the input's extension")
-    data.add_argument("--id-column", help="id column / Example key (default id | image/id)")
-    data.add_argument(
-        "--image-column", help="encoded image column / key (default image | image/encoded)"
-    )
-    data.add_argument(
-        "--label-column", help="label column / key (default label | image/class/label)"
-    )
-    data.add_argument("--mask-column", help="object-mask PNG column / key (default mask | image/mask)")
-    data.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                      help="largest decoded image (decompression-bomb guard)")
-    data.add_argument("--decode-threads", type=int, default=2,
-                      help="threads per worker decoding ahead of the model (0: inline)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help=".keras/.h5 file or gs:// s3:// URI")
-    model.add_argument("--image-size", type=int, default=224)
-    model.add_argument("--preprocess", choices=PREPROCESS_MODES, default="none")
-    model.add_argument("--batch-size", type=int, default=32, help="the model's largest batch")
-    model.add_argument("--min-batch-size", type=int, help="default: --batch-size")
-    model.add_argument("--target", default="predicted", help="predicted | label | class index")
-    model.add_argument("--top-k", type=int, default=5)
-    model.add_argument("--model-copies", type=int,
-                       help="share this many model copies across a machine's processes (GPU)")
-    model.add_argument("--large-model", action="store_true",
-                       help="share one model across a machine's processes")
-    model.add_argument("--unsafe-model", action="store_true",
-                       help="load with Keras safe_mode off (only for files you trust)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output", required=True, help="output folder (local, gs://, s3://)")
-    out.add_argument("--map-size", type=int, help="side of stored maps (default: --image-size)")
-    out.add_argument("--map-dtype", choices=MAP_DTYPES, default="float16")
-    out.add_argument("--overlays", type=int, default=0, help="PNG overlays of N images")
-    out.add_argument("--write-tfrecord", action="store_true", help="also write maps-*.tfrecord")
-    out.add_argument("--audit", action="store_true", help="run the attribution audit too")
-    out.add_argument("--overwrite", action="store_true",
-                     help="replace an earlier run's outputs (default: refuse)")
-    out.add_argument("--progress-every", type=int, default=1000,
-                     help="log a progress line every N images per worker (0: never)")
+    add_job_arguments(parser)
     add_dask_arguments(parser)
-    from fullgrad.audit.settings import add_settings_arguments
-
     add_settings_arguments(
         parser.add_argument_group("audit settings (per-image statistics; flags with --audit)"),
         prefix="audit-",
@@ -159,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    """The ``JobConfig`` of parsed ``fullgrad run`` flags.
+    """The ``JobConfig`` of parsed ``fullgrad run`` flags, ``--audit-*`` included.
 
     Example:
         >>> parser = argparse.ArgumentParser(); add_arguments(parser)
@@ -167,42 +126,39 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         ...                                      "--output", "o"])).image_size
         224
     """
-    return JobConfig(
-        input=args.input,
-        model=args.model,
-        output=args.output,
-        image_size=args.image_size,
-        preprocess=args.preprocess,
-        batch_size=args.batch_size,
-        min_batch_size=args.min_batch_size,
-        format=args.format,
-        target=args.target,
-        top_k=args.top_k,
-        map_size=args.map_size,
-        map_dtype=args.map_dtype,
-        overlays=args.overlays,
-        write_tfrecord=args.write_tfrecord,
-        audit=args.audit,
-        overwrite=args.overwrite,
-        max_pixels=args.max_pixels,
-        id_column=args.id_column,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        mask_column=args.mask_column,
-        safe_mode=not args.unsafe_model,
-        progress_every=args.progress_every,
-        decode_threads=args.decode_threads,
-        model_copies=args.model_copies,
-        large_model=args.large_model,
-        audit_options=_audit_options(args),
-    )
+    audit_options = settings_from_args(args, prefix="audit-").as_dict()
+    return job_config_from_args(args, audit_options=audit_options)
 
 
-def _audit_options(args: argparse.Namespace) -> dict:
-    """The ``--audit-*`` flags as ``AuditSettings`` keywords (JSON-ready, for the summary)."""
-    from fullgrad.audit.settings import settings_from_args
+def config_with_flags(
+    base: JobConfig, argv: Sequence[str]
+) -> tuple[JobConfig, DaskSettings, list[str]]:
+    """``base`` with ``fullgrad run`` flags applied over it, and the Beam flags among them.
 
-    return settings_from_args(args, prefix="audit-").as_dict()
+    For callers that build the config themselves (the Kubeflow task) and still take flags
+    from a user (its ``extra_args``). Unknown flags are refused as on the command line.
+
+    Returns:
+        ``(config, dask settings, beam_args)``.
+
+    Raises:
+        SystemExit: An unknown flag (exit status 2).
+
+    Example:
+        >>> config, _, beam = config_with_flags(config, ["--top-k", "3", "--runner", "dask"])
+    """
+    from fullgrad.beam.options import parse_flags
+
+    parser = argparse.ArgumentParser(prog="fullgrad run", allow_abbrev=False)
+    add_job_arguments(parser, defaults=base)
+    add_dask_arguments(parser)
+    add_settings_arguments(parser.add_argument_group("audit settings"), prefix="audit-")
+    args, beam_args = parse_flags(parser, argv)
+    audit_options = {**base.audit_options}
+    if any(arg.startswith("--audit-") for arg in argv):
+        audit_options = settings_from_args(args, prefix="audit-").as_dict()
+    config = job_config_from_args(args, audit_options=audit_options, num_classes=base.num_classes)
+    return config, DaskSettings.from_args(args), beam_args
 
 
 def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -351,24 +307,6 @@ def prepare_output(config: JobConfig) -> None:
 # -- the pipeline ----------------------------------------------------------------------------
 
 
-def pipeline_options(extra: Sequence[str] = (), **overrides: Any):
-    """Beam ``PipelineOptions`` from pass-through flags, with the offline runner pinned.
-
-    Without ``--runner`` the job runs on ``DEFAULT_RUNNER`` (no download, no network); every
-    other flag is Beam's own. Keyword ``overrides`` win over the flags.
-
-    Example:
-        >>> pipeline_options(["--direct_num_workers", "2",
-        ...                   "--direct_running_mode", "multi_processing"])
-    """
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-
-    options = PipelineOptions(list(extra), **overrides)
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
-    return options
-
-
 def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> JobOutputs:
     """Adds the job's stages to ``pipeline``: read, explain, and (``write``) every output.
 
@@ -393,7 +331,6 @@ def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> J
     from fullgrad.beam import io
     from fullgrad.beam.transforms import ExplainRows, count_failure
 
-    config.validate()
     rows, read_dead = pipeline | "Read" >> io.ReadRows(config)
     explained, explain_dead = rows | "Explain" >> ExplainRows(config)
     dead = (
@@ -422,7 +359,7 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
 
     # Per-image audit statistics become columns of the maps (and are reused by the audit).
     explained = outputs.explained | "Statistics" >> beam.Map(
-        with_statistics, _audit_settings(config)
+        with_statistics, AuditSettings.from_config(config)
     )
     dead = outputs.dead_letters
     _ = explained | "WriteMaps" >> io.WriteMaps(config)
@@ -476,25 +413,13 @@ def _add_audit(config: JobConfig, explained: Any) -> None:
     from fullgrad.audit.report import write_audit
     from fullgrad.audit.transforms import ComputeAudit
 
-    settings = _audit_settings(config)
+    settings = AuditSettings.from_config(config)
     output = config.output
     _ = (
         explained
         | "Audit" >> ComputeAudit(settings)
         | "WriteAudit" >> beam.Map(lambda audit: write_audit(audit, output))
     )
-
-
-def _audit_settings(config: JobConfig) -> Any:
-    """The audit's settings for this job; the audit module defines what they hold."""
-    from fullgrad.audit import transforms
-
-    factory = getattr(transforms, "AuditSettings", None)
-    if factory is None:
-        return None
-    if hasattr(factory, "from_config"):
-        return factory.from_config(config)
-    return factory()
 
 
 def job_metrics(result: Any) -> dict[str, Any]:
@@ -598,15 +523,16 @@ def run(
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
-    config.validate()
     # s3:// (endpoint, credentials) and gs:// (project) read their settings from the pipeline
     # options: the checks below open the model, list the input and the output with them.
-    FileSystems.set_options(pipeline_options(extra, **option_overrides))
+    options = pipeline_options(extra, **option_overrides)
+    FileSystems.set_options(options)
     config.num_classes = check_model(config)
     files = check_input(config)
     prepare_output(config)
     with _engine_args(extra, dask) as beam_args:
-        options = pipeline_options(beam_args, **option_overrides)
+        if beam_args != list(extra):  # --runner dask: its runner and cluster address
+            options = pipeline_options(beam_args, **option_overrides)
         start = time.perf_counter()
         _LOGGER.info("fullgrad: explaining %s (%d files) -> %s", config.input, files,
                      config.output)

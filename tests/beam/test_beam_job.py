@@ -30,8 +30,10 @@ from test_beam_images import png_header_only
 import fullgrad as ke
 from fullgrad.beam import job
 from fullgrad.beam.config import JobConfig
-from fullgrad.beam.io import read_maps, safe_file_name
+from fullgrad.beam.io import safe_file_name
+from fullgrad.beam.options import DEFAULT_RUNNER, pipeline_options
 from fullgrad.images import decode_image, decode_mask, encode_jpeg, preprocess
+from fullgrad.record import read_maps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,7 +82,10 @@ def test_parquet_maps_equal_the_engine_on_the_same_images(parquet_run, model_pat
     assert metrics["model_loads"] == 1 and metrics["load_model_latency_milli_secs"]["count"] == 1
     assert metrics["images_explained"] == metrics["num_inferences"] == 12
     assert metrics["inference_request_batch_size"]["max"] == 4
-    assert metrics["batch_latency_ms"]["count"] == metrics["inference_request_batch_size"]["count"]
+    assert (
+        metrics["inference_batch_latency_micro_secs"]["count"]
+        == metrics["inference_request_batch_size"]["count"]
+    )
     maps, dead = read_output(str(tmp / "out"))
     assert dead.num_rows == 0
     assert maps.column("id").to_pylist() == [r["id"] for r in rows]
@@ -419,12 +424,12 @@ def test_a_crashed_runs_temporary_folder_is_refused_then_removed(tmp_path, model
 
 
 def test_the_default_runner_is_pinned_and_flags_pass_through():
-    options = job.pipeline_options(["--direct_num_workers", "2", "--job_name", "x"])
+    options = pipeline_options(["--direct_num_workers", "2", "--job_name", "x"])
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-    assert options.view_as(StandardOptions).runner == job.DEFAULT_RUNNER
+    assert options.view_as(StandardOptions).runner == DEFAULT_RUNNER
     assert options.view_as(DirectOptions).direct_num_workers == 2
-    chosen = job.pipeline_options(["--runner", "DataflowRunner"])
+    chosen = pipeline_options(["--runner", "DataflowRunner"])
     assert chosen.view_as(StandardOptions).runner == "DataflowRunner"
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
@@ -437,7 +442,7 @@ def test_the_default_runner_is_pinned_and_flags_pass_through():
     assert settings.resolved_format() == "tfrecord" and settings.target_index() == 3
     assert settings.columns().image == "image/encoded" and settings.decode_threads == 0
     with pytest.raises(ValueError, match="--decode-threads"):
-        JobConfig(input="a.parquet", model="m", output="o", decode_threads=-1).validate()
+        JobConfig(input="a.parquet", model="m", output="o", decode_threads=-1)
 
 
 def test_a_model_shared_across_processes_gives_the_same_maps(parquet_run, model_path):

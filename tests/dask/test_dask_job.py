@@ -33,7 +33,9 @@ from beamdata import (
 from fullgrad.beam import job
 from fullgrad.beam.config import JobConfig
 from fullgrad.beam.dask import RUNNER_NAME
-from fullgrad.beam.io import read_maps, safe_file_name
+from fullgrad.beam.io import safe_file_name
+from fullgrad.beam.options import pipeline_options
+from fullgrad.record import read_maps
 
 
 def _config(data: str, pattern: str, output: str, model_path: str, **overrides) -> JobConfig:
@@ -161,9 +163,9 @@ def test_tfrecord_run_equals_the_local_runner_and_loads_the_model_once_per_worke
                      batch_size=2)
     config.num_classes = job.check_model(config)
     job.prepare_output(config)
-    options = job.pipeline_options([f"--runner={RUNNER_NAME}",
-                                    f"--dask_client_address={cluster.address}",
-                                    "--dask_npartitions=6"])
+    options = pipeline_options([f"--runner={RUNNER_NAME}",
+                                f"--dask_client_address={cluster.address}",
+                                "--dask_npartitions=6"])
     pipeline = beam.Pipeline(options=options)
     outputs = job.build_pipeline(pipeline, config)
     del outputs
