@@ -18,12 +18,18 @@ Example:
 """
 
 # No ``from __future__ import annotations``: kfp reads the artifact annotations as objects.
+import linecache
 import os
+import textwrap
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 from fullgrad import __version__
+from fullgrad.beam.config import KfpParameter
+from fullgrad.kfp.tasks import explain_parameters
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -32,8 +38,11 @@ __all__ = [
     "audit_op",
     "build_components",
     "default_image",
+    "define_function",
+    "docstring_args",
     "explain",
     "explain_op",
+    "parameter_source",
 ]
 
 #: Environment variable read at build/compile time for the components' base image.
@@ -53,75 +62,83 @@ def default_image() -> str:
     return os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
 
 
-def explain(
-    images: Input[Dataset],
-    model: Input[Model],
-    maps: Output[Dataset],
-    dead_letters: Output[Dataset],
-    counts: Output[Metrics],
-    image_size: int = 224,
-    preprocess: str = "none",
-    target: str = "predicted",
-    batch_size: int = 32,
-    input_format: str = "",
-    runner: str = "local",
-    project: str = "",
-    region: str = "",
-    temp_location: str = "",
-    worker_accelerator: str = "",
-    worker_accelerator_count: int = 1,
-    machine_type: str = "",
-    sdk_container_image: str = "",
-    extra_args: list[str] = [],  # noqa: B006 - kfp needs a literal default; never mutated
-):
-    """Explains every image of a dataset with FullGrad (the ``fullgrad run`` Beam job).
+#: The explain component's artifacts, before its generated parameters.
+_EXPLAIN_ARTIFACTS = (
+    ("images", "Input[Dataset]", "Parquet or TFRecord files (a file or a folder of them)."),
+    ("model", "Input[Model]", "A .keras / .h5 classifier (a file, or a folder holding one)."),
+    ("maps", "Output[Dataset]",
+     "Written: the maps Parquet (one row per explained image) and summary.json."),
+    ("dead_letters", "Output[Dataset]",
+     "Written: one row per input that failed, with its stage and error."),
+    ("counts", "Output[Metrics]", "Logged: input, explained, failed, throughput and wall time."),
+)
+_EXTRA_ARGS_HELP = "More `fullgrad run` flags or Beam pipeline options, one per item."
 
-    Args:
-        images: Parquet or TFRecord files (a file or a folder of them).
-        model: A ``.keras`` / ``.h5`` classifier (a file, or a folder holding one).
-        maps: Written: the maps Parquet (one row per explained image) and ``summary.json``.
-        dead_letters: Written: one row per input that failed, with its stage and error.
-        counts: Logged: ``input``, ``explained``, ``failed``, throughput and wall time.
-        image_size: Side the images are resized to (the model's input size).
-        preprocess: ``none``, ``unit``, ``tf``, ``caffe`` or ``torch``.
-        target: ``predicted`` (top-1), ``label``, or a class index.
-        batch_size: Images per FullGrad batch.
-        input_format: ``parquet`` or ``tfrecord``; empty: from the files' extensions.
-        runner: ``local`` runs the job's pinned local runner inside this pod (the task's GPU);
-            any other value is a Beam runner name, e.g. ``DataflowRunner``, whose workers read
-            the artifacts' URIs.
-        project: Dataflow: the Google Cloud project.
-        region: Dataflow: the region.
-        temp_location: Dataflow: a ``gs://`` folder for temporary files.
-        worker_accelerator: Dataflow: GPU type on the workers, e.g. ``nvidia-tesla-t4``.
-        worker_accelerator_count: Dataflow: GPUs per worker.
-        machine_type: Dataflow: worker machine type, e.g. ``n1-standard-8``.
-        sdk_container_image: Dataflow: the workers' image (this project's image).
-        extra_args: More ``fullgrad run`` flags or Beam pipeline options, one per item.
+
+def define_function(source: str, name: str, **names: Any) -> Callable:
+    """Defines the generated function ``name`` from ``source``, with kfp's names in scope.
+
+    ``names`` are more globals the source may use.
+
+    kfp reads a lightweight component's source with ``inspect.getsource`` to embed it in the
+    YAML, so the source is registered with ``linecache`` under a name of its own.
+
+    Example:
+        >>> define_function("def f(x: int = 1):\n    return x\n", "f")()
+        1
     """
-    from fullgrad.kfp.tasks import run_explain
+    filename = f"<fullgrad.kfp generated {name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {
+        "__name__": __name__, "Input": Input, "Output": Output, "Dataset": Dataset,
+        "Model": Model, "Metrics": Metrics, "HTML": HTML, "Markdown": Markdown, **names,
+    }
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 -- our own generated text
+    return namespace[name]
 
-    run_explain(
-        images=images,
-        model=model,
-        maps=maps,
-        dead_letters=dead_letters,
-        counts=counts,
-        image_size=image_size,
-        preprocess=preprocess,
-        target=target,
-        batch_size=batch_size,
-        input_format=input_format,
-        runner=runner,
-        project=project,
-        region=region,
-        temp_location=temp_location,
-        worker_accelerator=worker_accelerator,
-        worker_accelerator_count=worker_accelerator_count,
-        machine_type=machine_type,
-        sdk_container_image=sdk_container_image,
-        extra_args=extra_args,
+
+def parameter_source(parameters: Iterable[KfpParameter], defaults: dict | None = None) -> str:
+    """``name: type = default`` for each parameter (``defaults`` overrides some defaults)."""
+    defaults = defaults or {}
+    return ", ".join(
+        f"{p.name}: {p.annotation.__name__} = {defaults.get(p.name, p.default)!r}"
+        for p in parameters
     )
+
+
+def docstring_args(items: Iterable[tuple[str, str]]) -> str:
+    """A Google-style ``Args:`` section (kfp reads parameter descriptions from it)."""
+    lines = ["Args:"]
+    for name, text in items:
+        lines.append(f"    {name}: {text[0].upper()}{text[1:].rstrip('.')}.")
+    return "\n".join(lines)
+
+
+def _explain_source() -> str:
+    parameters = explain_parameters()
+    artifacts = ", ".join(f"{name}: {kind}" for name, kind, _ in _EXPLAIN_ARTIFACTS)
+    args = docstring_args(
+        [(name, text) for name, _, text in _EXPLAIN_ARTIFACTS]
+        + [(p.name, p.help) for p in parameters]
+        + [("extra_args", _EXTRA_ARGS_HELP)]
+    )
+    doc = textwrap.indent(
+        "Explains every image of a dataset with FullGrad (the `fullgrad run` Beam job).\n\n"
+        + args, "    "
+    )
+    return (
+        f"def explain({artifacts}, {parameter_source(parameters)}, "
+        "extra_args: list[str] = []):\n"
+        f'    """{doc.strip()}\n    """\n'
+        "    parameters = dict(locals())  # before the import adds a name\n"
+        "    from fullgrad.kfp.tasks import run_explain\n\n"
+        "    run_explain(**parameters)\n"
+    )
+
+
+#: The explain component's function, generated from the job's settings (``JobConfig``) and
+#: ``RunnerSettings``: its parameters are written nowhere else.
+explain = define_function(_explain_source(), "explain")
 
 
 def audit(

@@ -17,10 +17,20 @@ Example:
     >>> compiler.Compiler().compile(build_pipeline(), "fullgrad-explain-audit.yaml")
 """
 
+import textwrap
+from typing import Any
+
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
-from fullgrad.kfp.components import build_components, default_image
+from fullgrad.kfp.components import (
+    build_components,
+    default_image,
+    define_function,
+    docstring_args,
+    parameter_source,
+)
+from fullgrad.kfp.tasks import explain_parameters
 
 __all__ = [
     "DEFAULT_ACCELERATOR_LIMIT",
@@ -65,29 +75,11 @@ def build_pipeline(
     ops = build_components(image)
     explain_op, audit_op = ops["explain"], ops["audit"]
 
-    @dsl.pipeline(
-        name=name,
-        description="FullGrad saliency maps over an image dataset, then the attribution audit.",
-    )
-    def explain_audit(
-        dataset_uri: str,
-        model_uri: str,
-        image_size: int = 224,
-        preprocess: str = "none",
-        target: str = "predicted",
-        batch_size: int = 32,
-        input_format: str = "",
-        runner: str = "local",
-        project: str = "",
-        region: str = "",
-        temp_location: str = "",
-        worker_accelerator: str = "",
-        worker_accelerator_count: int = 1,
-        machine_type: str = "",
-        sdk_container_image: str = image,
-        explain_args: list[str] = [],  # noqa: B006 - kfp needs a literal default
-        audit_args: list[str] = [],  # noqa: B006 - kfp needs a literal default
-    ):
+    parameters = explain_parameters()
+    names = [p.name for p in parameters]
+
+    def wire(dataset_uri: str, model_uri: str, explain_args: list, audit_args: list,
+             **values: Any) -> None:
         images = dsl.importer(
             artifact_uri=dataset_uri, artifact_class=Dataset, reimport=False
         ).set_display_name("dataset")
@@ -97,19 +89,7 @@ def build_pipeline(
         explained = explain_op(
             images=images.output,
             model=model.output,
-            image_size=image_size,
-            preprocess=preprocess,
-            target=target,
-            batch_size=batch_size,
-            input_format=input_format,
-            runner=runner,
-            project=project,
-            region=region,
-            temp_location=temp_location,
-            worker_accelerator=worker_accelerator,
-            worker_accelerator_count=worker_accelerator_count,
-            machine_type=machine_type,
-            sdk_container_image=sdk_container_image,
+            **{name: values[name] for name in names},
             extra_args=explain_args,
         ).set_display_name("explain")
         # A scheduled audit reruns on the same URIs whose contents change (tonight's data,
@@ -122,4 +102,24 @@ def build_pipeline(
             "audit"
         ).set_caching_options(False)
 
+    doc = docstring_args(
+        [("dataset_uri", "the dataset: a file or folder URI (gs://, s3://, a path)"),
+         ("model_uri", "the classifier's .keras / .h5 URI")]
+        + [(p.name, p.help) for p in parameters]
+        + [("explain_args", "more `fullgrad run` flags or Beam pipeline options"),
+           ("audit_args", "more `fullgrad audit` flags (thresholds)")]
+    )
+    source = (
+        "def explain_audit(dataset_uri: str, model_uri: str, "
+        f"{parameter_source(parameters, {'sdk_container_image': image})}, "
+        "explain_args: list[str] = [], audit_args: list[str] = []):\n"
+        f'    """FullGrad maps over an image dataset, then the attribution audit.\n\n'
+        f'{textwrap.indent(doc, "    ")}\n    """\n'
+        "    wire(**locals())\n"
+    )
+    explain_audit = define_function(source, "explain_audit", wire=wire)
+    explain_audit = dsl.pipeline(
+        name=name,
+        description="FullGrad saliency maps over an image dataset, then the attribution audit.",
+    )(explain_audit)
     return explain_audit

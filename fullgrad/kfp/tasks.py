@@ -12,13 +12,14 @@ the pod's disk, so it gets the artifacts' URIs (``gs://``, ``s3://``), which Bea
 read.
 
 Example:
-    >>> beam_runner_args("DataflowRunner", project="p", region="europe-west4",
-    ...                  temp_location="gs://b/tmp", worker_accelerator="nvidia-tesla-t4")[:2]
-    ['--runner=DataflowRunner', '--project=p']
+    >>> RunnerSettings("DataflowRunner", project="p", region="europe-west4",
+    ...                temp_location="gs://b/tmp").pipeline_options()["runner"]
+    'DataflowRunner'
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,13 +29,24 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from fullgrad.beam.config import (
+    FORMATS,
+    JobConfig,
+    KfpParameter,
+    config_values,
+    format_glob,
+    format_of,
+    kfp_parameters,
+)
+
 __all__ = [
     "LOCAL_RUNNERS",
+    "RunnerSettings",
     "artifact_location",
     "audit_markdown",
     "audit_metrics",
-    "beam_runner_args",
     "dataset_input",
+    "explain_parameters",
     "model_file",
     "run_audit",
     "run_explain",
@@ -44,7 +56,6 @@ _LOG = logging.getLogger(__name__)
 
 #: Runner values that run the job inside the pod, on its local paths.
 LOCAL_RUNNERS = frozenset({"", "local", "DirectRunner", "PrismRunner"})
-_PARQUET_SUFFIXES = (".parquet", ".pq")
 _MODEL_SUFFIXES = (".keras", ".h5")
 
 
@@ -54,9 +65,9 @@ class _Artifact(Protocol):
     metadata: dict
 
 
-def is_local_runner(runner: str) -> bool:
-    """Whether ``runner`` runs the job in the pod (so it reads local paths)."""
-    return runner in LOCAL_RUNNERS
+def _help(default: Any, text: str) -> Any:
+    """A dataclass field with its default and its parameter description."""
+    return dataclasses.field(default=default, metadata={"help": text})
 
 
 def artifact_location(artifact: _Artifact, local: bool) -> str:
@@ -94,64 +105,55 @@ def _join(base: str, name: str) -> str:
 def dataset_input(images: _Artifact, local: bool, input_format: str = "") -> tuple[str, str]:
     """The ``--input`` glob and ``--format`` for a dataset artifact.
 
-    The artifact is a Parquet/TFRecord file, or a folder of them (what an importer of
+    The artifact is a dataset file, or a folder of them (what an importer of
     ``gs://bucket/data/`` gives). The folder is inspected through its local path, which
-    exists in the pod; the glob is then built on the URI for a distributed runner.
+    exists in the pod; the glob is then built on the URI for a distributed runner. Formats are
+    told by ``fullgrad.beam.config.format_of``, as for ``fullgrad run --input``.
 
     Args:
         images: The dataset artifact.
         local: True for the local runner.
-        input_format: ``parquet``, ``tfrecord``, or empty to tell from the files' names.
+        input_format: One of ``fullgrad.beam.config.FORMATS``, or empty to tell from the files.
 
     Returns:
-        ``(glob, format)``.
+        ``(glob, format)``; several globs are comma-separated.
 
     Raises:
         FileNotFoundError: The artifact's path does not exist.
-        ValueError: A folder with no Parquet/TFRecord file, or an unknown ``input_format``.
+        ValueError: A folder with no dataset file, or an unknown ``input_format``.
 
     Example:
         >>> dataset_input(images, local=True)
         ('/data/images/*.parquet', 'parquet')
     """
-    if input_format not in ("", "parquet", "tfrecord"):
-        raise ValueError(f"input_format must be parquet, tfrecord or empty, got {input_format!r}")
+    if input_format not in ("", *FORMATS):
+        raise ValueError(f"input_format must be one of {FORMATS} or empty, got {input_format!r}")
     path = images.path
     base = artifact_location(images, local)
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset artifact not found at {path!r} (URI {images.uri!r})")
     if not os.path.isdir(path):
-        fmt = input_format or _format_of(os.path.basename(path))
+        fmt = input_format or format_of(path)
         if fmt is None:
             raise ValueError(
-                f"cannot tell the format of {path!r}; set input_format to parquet or tfrecord"
+                f"cannot tell the format of {path!r}; set input_format to one of {FORMATS}"
             )
         return base, fmt
     names = sorted(os.listdir(path))
-    found = {fmt for fmt in map(_format_of, names) if fmt}
+    found = {fmt for fmt in map(format_of, names) if fmt}
     if input_format:
         fmt = input_format
     elif len(found) == 1:
         fmt = found.pop()
     elif not found:
-        raise ValueError(f"no Parquet or TFRecord files in the dataset folder {path!r}")
+        raise ValueError(f"no dataset files ({', '.join(FORMATS)}) in the folder {path!r}")
     else:
         raise ValueError(
-            f"the dataset folder {path!r} holds both Parquet and TFRecord files; set input_format"
+            f"the dataset folder {path!r} holds several formats {sorted(found)}; "
+            "set input_format"
         )
-    pattern = "*.parquet" if fmt == "parquet" else "*.tfrecord*"
-    if fmt == "parquet" and not any(n.endswith(".parquet") for n in names):
-        pattern = "*.pq"
-    return _join(base, pattern), fmt
-
-
-def _format_of(name: str) -> str | None:
-    lower = name.lower()
-    if lower.endswith(_PARQUET_SUFFIXES):
-        return "parquet"
-    if ".tfrecord" in lower or lower.endswith(".tfr"):
-        return "tfrecord"
-    return None
+    globs = sorted({format_glob(n) for n in names if format_of(n) == fmt})
+    return ",".join(_join(base, pattern) for pattern in globs), fmt
 
 
 def model_file(model: _Artifact, local: bool) -> str:
@@ -179,77 +181,110 @@ def model_file(model: _Artifact, local: bool) -> str:
     return _join(base, candidates[0])
 
 
-def beam_runner_args(
-    runner: str,
-    *,
-    project: str = "",
-    region: str = "",
-    temp_location: str = "",
-    worker_accelerator: str = "",
-    worker_accelerator_count: int = 1,
-    machine_type: str = "",
-    sdk_container_image: str = "",
-) -> list[str]:
-    """Beam pipeline options for the explain task's runner settings.
+@dataclasses.dataclass(frozen=True)
+class RunnerSettings:
+    """Where the explain task runs the Beam job: the pod itself, or a Beam runner's workers.
 
-    Args:
-        runner: ``local`` (the job's pinned local runner, no flag) or a Beam runner name.
-        project, region, temp_location: Dataflow's required settings.
-        worker_accelerator: Dataflow GPU type (``nvidia-tesla-t4``, ``nvidia-l4``, ...);
-            empty for CPU workers.
-        worker_accelerator_count: GPUs per Dataflow worker.
-        machine_type: Dataflow worker machine type.
-        sdk_container_image: The Dataflow workers' image (this project's image).
-
-    Returns:
-        The flags, in Beam's spelling.
-
-    Raises:
-        ValueError: Dataflow without project/region/temp_location, or Dataflow-only settings
-            given to another runner (they would be silently ignored otherwise).
+    Each field is a parameter of the ``explain`` component and of the pipeline (see
+    :func:`explain_parameters`); the ``help`` metadata is its description.
 
     Example:
-        >>> beam_runner_args("local")
-        []
+        >>> RunnerSettings("DataflowRunner", project="p", region="europe-west4",
+        ...                temp_location="gs://b/tmp").is_local
+        False
     """
-    dataflow_only = {
-        "project": project,
-        "region": region,
-        "temp_location": temp_location,
-        "worker_accelerator": worker_accelerator,
-        "machine_type": machine_type,
-    }
-    if runner in ("", "local"):
-        given = sorted(name for name, value in dataflow_only.items() if value)
-        if given:
-            raise ValueError(f"{given} only apply to runner=DataflowRunner, not {runner!r}")
-        return []
-    args = [f"--runner={runner}"]
-    if runner != "DataflowRunner":
-        given = sorted(name for name, value in dataflow_only.items() if value)
-        if given:
-            raise ValueError(f"{given} only apply to runner=DataflowRunner, not {runner!r}")
-        # Portable runners (Flink, Spark) choose their workers' environment with
-        # --environment_type/--environment_config, which go in extra_args.
-        return args
-    missing = [n for n in ("project", "region", "temp_location") if not dataflow_only[n]]
-    if missing:
-        raise ValueError(f"runner=DataflowRunner needs {missing}")
-    args += [f"--project={project}", f"--region={region}", f"--temp_location={temp_location}"]
-    if machine_type:
-        args.append(f"--machine_type={machine_type}")
-    if sdk_container_image:
-        # The image already holds this Beam SDK; staging another copy would only slow startup.
-        args += [f"--sdk_container_image={sdk_container_image}", "--sdk_location=container"]
-    if worker_accelerator:
-        if worker_accelerator_count < 1:
-            raise ValueError("worker_accelerator_count must be >= 1")
-        # Dataflow's GPU syntax; the driver install is what a stock worker VM lacks.
-        args.append(
-            "--dataflow_service_options=worker_accelerator="
-            f"type:{worker_accelerator};count:{worker_accelerator_count};install-nvidia-driver"
-        )
-    return args
+
+    runner: str = _help(
+        "local",
+        "'local' runs the job's pinned local runner inside this pod (the task's GPU); any other "
+        "value is a Beam runner name, e.g. DataflowRunner, whose workers read the artifacts' URIs",
+    )
+    project: str = _help("", "Dataflow: the Google Cloud project")
+    region: str = _help("", "Dataflow: the region")
+    temp_location: str = _help("", "Dataflow: a gs:// folder for temporary files")
+    worker_accelerator: str = _help(
+        "", "Dataflow: GPU type on the workers, e.g. nvidia-tesla-t4 (empty: CPU workers)"
+    )
+    worker_accelerator_count: int = _help(1, "Dataflow: GPUs per worker")
+    machine_type: str = _help("", "Dataflow: worker machine type, e.g. n1-standard-8")
+    sdk_container_image: str = _help(
+        "", "Dataflow: the workers' image (the pipeline's default: the image it was compiled with)"
+    )
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the job runs in the pod (so it reads the artifacts' local paths)."""
+        return self.runner in LOCAL_RUNNERS
+
+    def pipeline_options(self) -> dict[str, Any]:
+        """Beam ``PipelineOptions`` keywords for these settings.
+
+        Returns:
+            Keywords in Beam's names (``runner``, ``project``, ...); empty for the local runner.
+
+        Raises:
+            ValueError: Dataflow without project/region/temp_location, or Dataflow-only settings
+                given to another runner (they would be silently ignored otherwise).
+
+        Example:
+            >>> RunnerSettings("FlinkRunner").pipeline_options()
+            {'runner': 'FlinkRunner'}
+        """
+        dataflow_only = {
+            "project": self.project,
+            "region": self.region,
+            "temp_location": self.temp_location,
+            "worker_accelerator": self.worker_accelerator,
+            "machine_type": self.machine_type,
+        }
+        if self.runner != "DataflowRunner":
+            given = sorted(name for name, value in dataflow_only.items() if value)
+            if given:
+                raise ValueError(f"{given} only apply to runner=DataflowRunner, not {self.runner!r}")
+            # Portable runners (Flink, Spark) choose their workers' environment with
+            # --environment_type/--environment_config, which go in extra_args.
+            return {} if self.runner in ("", "local") else {"runner": self.runner}
+        missing = [n for n in ("project", "region", "temp_location") if not dataflow_only[n]]
+        if missing:
+            raise ValueError(f"runner=DataflowRunner needs {missing}")
+        options: dict[str, Any] = {
+            "runner": self.runner,
+            "project": self.project,
+            "region": self.region,
+            "temp_location": self.temp_location,
+        }
+        if self.machine_type:
+            options["machine_type"] = self.machine_type
+        if self.sdk_container_image:
+            # The image already holds this Beam SDK; staging another copy would only slow startup.
+            options["sdk_container_image"] = self.sdk_container_image
+            options["sdk_location"] = "container"
+        if self.worker_accelerator:
+            if self.worker_accelerator_count < 1:
+                raise ValueError("worker_accelerator_count must be >= 1")
+            # Dataflow's GPU syntax; the driver install is what a stock worker VM lacks.
+            accelerator = f"type:{self.worker_accelerator};count:{self.worker_accelerator_count}"
+            options["dataflow_service_options"] = [
+                f"worker_accelerator={accelerator};install-nvidia-driver"
+            ]
+        return options
+
+
+def explain_parameters() -> list[KfpParameter]:
+    """Every parameter of the ``explain`` component, typed: the job's, then the runner's.
+
+    Generated from ``JobConfig`` (``fullgrad.beam.config.kfp_parameters``) and
+    :class:`RunnerSettings`; the component, the pipeline and :func:`run_explain` all use it.
+
+    Example:
+        >>> [p.name for p in explain_parameters()][-2:]
+        ['machine_type', 'sdk_container_image']
+    """
+    runner = [
+        KfpParameter(f.name, f.name, type(f.default), f.default, f.metadata["help"])
+        for f in dataclasses.fields(RunnerSettings)
+    ]
+    return [*kfp_parameters(), *runner]
 
 
 def _move_matching(source_dir: str, prefix: str, target_dir: str) -> list[str]:
@@ -274,76 +309,53 @@ def run_explain(
     maps: _Artifact,
     dead_letters: _Artifact,
     counts: Any,
-    image_size: int,
-    preprocess: str,
-    target: str,
-    batch_size: int,
-    input_format: str = "",
-    runner: str = "local",
-    project: str = "",
-    region: str = "",
-    temp_location: str = "",
-    worker_accelerator: str = "",
-    worker_accelerator_count: int = 1,
-    machine_type: str = "",
-    sdk_container_image: str = "",
     extra_args: Sequence[str] = (),
+    **parameters: Any,
 ) -> dict[str, float]:
     """The explain task: runs the ``fullgrad run`` job and files its outputs into the artifacts.
 
-    The flags are parsed by the job's own parser (so ``extra_args`` takes any ``fullgrad run``
-    flag, and what it does not know goes to Beam's ``PipelineOptions``), then
-    ``fullgrad.beam.job.run`` runs the pipeline. The maps folder gets the job's whole output
-    (maps Parquet, ``summary.json``, overlays); the dead letters are moved from it into
-    ``dead_letters``; ``counts`` gets the summary's numbers. The task fails when the job does,
-    or when ``input != explained + failed``.
+    The task builds the job's ``JobConfig`` from the artifacts and ``parameters`` (any of
+    :func:`explain_parameters`), lets ``extra_args`` (``fullgrad run`` flags or Beam pipeline
+    options; unknown flags are refused) override it, and calls ``fullgrad.beam.job.run``. The
+    maps folder gets the job's whole output (maps Parquet, ``summary.json``, overlays); the dead
+    letters are moved from it into ``dead_letters``; ``counts`` gets the summary's numbers. The
+    task fails when the job does, or when ``input != explained + failed``.
 
     Returns:
         The metrics logged.
 
+    Raises:
+        TypeError: A parameter that is not one of :func:`explain_parameters`.
+
     Example:
         >>> run_explain(images=images, model=model, maps=maps, dead_letters=dead,
-        ...             counts=counts, image_size=32, preprocess="unit",
-        ...             target="predicted", batch_size=8)
+        ...             counts=counts, image_size=32, preprocess="unit")
         {'input': 6.0, 'explained': 5.0, 'failed': 1.0, ...}
     """
-    import argparse
-
     from fullgrad.beam import job
 
-    local = is_local_runner(runner)
-    runner_args = beam_runner_args(
-        runner,
-        project=project,
-        region=region,
-        temp_location=temp_location,
-        worker_accelerator=worker_accelerator,
-        worker_accelerator_count=worker_accelerator_count,
-        machine_type=machine_type,
-        sdk_container_image=sdk_container_image if not local else "",
-    )
-    glob, fmt = dataset_input(images, local, input_format)
+    runner_names = {f.name for f in dataclasses.fields(RunnerSettings)}
+    runner = RunnerSettings(**{k: v for k, v in parameters.items() if k in runner_names})
+    local = runner.is_local
+    job_parameters = {k: v for k, v in parameters.items() if k not in runner_names}
+    unknown = sorted(set(job_parameters) - {p.name for p in kfp_parameters()})
+    if unknown:
+        raise TypeError(f"unknown explain parameter(s) {unknown}")
+    glob, fmt = dataset_input(images, local, job_parameters.get("input_format", ""))
     output = artifact_location(maps, local)
     dead_output = artifact_location(dead_letters, local)
-    argv = [
-        "--input", glob,
-        "--format", fmt,
-        "--model", model_file(model, local),
-        "--output", output,
-        "--image-size", str(image_size),
-        "--preprocess", preprocess,
-        "--target", str(target),
-        "--batch-size", str(batch_size),
+    options = runner.pipeline_options()
+    base = JobConfig(
+        input=glob,
+        model=model_file(model, local),
+        output=output,
         # The folder is this task's own artifact: a retried task replaces its partial output.
-        "--overwrite",
-        *runner_args,
-        *extra_args,
-    ]  # fmt: skip
-    _LOG.info("fullgrad run %s", " ".join(argv))
-    parser = argparse.ArgumentParser(prog="fullgrad run (explain task)")
-    job.add_arguments(parser)
-    args, beam_args = parser.parse_known_args(argv)
-    summary = job.run(job.config_from_args(args), beam_args)
+        overwrite=True,
+        **config_values({**job_parameters, "input_format": fmt}),
+    )
+    config, dask, beam_args = job.config_with_flags(base, extra_args)
+    _LOG.info("fullgrad run %s %s", config, " ".join(beam_args))
+    summary = job.run(config, beam_args, dask=dask, **options)
 
     moved = _move_matching(output, "dead_letter", dead_output)
     if local and not moved:
@@ -474,23 +486,16 @@ def run_audit(
         >>> run_audit(maps=maps, report=report, summary=summary, metrics=metrics)
         {'mask_energy_class_0': 0.71, ..., 'flagged_classes': 1.0, 'flagged_images': 3.0}
     """
-    import argparse
-
     workdir = tempfile.mkdtemp(prefix="fullgrad-audit-")
     try:
         paths = {"json": os.path.join(maps.path, "audit.json")}
         paths["html"] = os.path.join(maps.path, "report.html")
         if extra_args or not all(os.path.isfile(p) for p in paths.values()):
-            from fullgrad.audit import command
+            from fullgrad.beam import audit_job
 
-            argv = ["--maps", maps.path, "--output", workdir, *extra_args]
-            _LOG.info("fullgrad audit %s", " ".join(argv))
-            parser = argparse.ArgumentParser(prog="fullgrad audit (audit task)")
-            command.add_arguments(parser)
-            args, beam_args = parser.parse_known_args(argv)
-            paths = command.run_audit(
-                args.maps, args.output, command.settings_from_args(args), beam_args
-            )
+            settings, beam_args = audit_job.settings_from_flags(extra_args)
+            _LOG.info("fullgrad audit of %s with %s %s", maps.path, settings, beam_args)
+            paths = audit_job.run_audit(maps.path, workdir, settings, beam_args)
         else:
             _LOG.info("filing the audit the explain job wrote in its pass: %s", paths["json"])
         with open(paths["json"], encoding="utf-8") as handle:

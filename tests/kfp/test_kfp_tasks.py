@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from fullgrad.kfp.tasks import (
+    RunnerSettings,
     artifact_location,
     audit_markdown,
     audit_metrics,
-    beam_runner_args,
     dataset_input,
+    explain_parameters,
     model_file,
 )
 
@@ -30,19 +31,18 @@ def local(path: Path) -> Artifact:
     return Artifact(uri=str(path), path=str(path))
 
 
-def test_local_runner_needs_no_flags_and_refuses_dataflow_settings():
-    assert beam_runner_args("local") == []
-    assert beam_runner_args("FlinkRunner") == ["--runner=FlinkRunner"]
+def test_local_runner_needs_no_options_and_refuses_dataflow_settings():
+    assert RunnerSettings("local").pipeline_options() == {}
+    assert RunnerSettings("FlinkRunner").pipeline_options() == {"runner": "FlinkRunner"}
     # Portable runners take their image as --environment_config, through extra_args.
-    assert beam_runner_args("FlinkRunner", sdk_container_image="reg/fullgrad:1") == [
-        "--runner=FlinkRunner"
-    ]
+    flink = RunnerSettings("FlinkRunner", sdk_container_image="reg/fullgrad:1")
+    assert flink.pipeline_options() == {"runner": "FlinkRunner"}
     with pytest.raises(ValueError, match=r"\['project', 'worker_accelerator'\] only apply"):
-        beam_runner_args("local", project="p", worker_accelerator="nvidia-l4")
+        RunnerSettings("local", project="p", worker_accelerator="nvidia-l4").pipeline_options()
 
 
-def test_dataflow_flags_with_gpu_workers():
-    args = beam_runner_args(
+def test_dataflow_options_with_gpu_workers():
+    options = RunnerSettings(
         "DataflowRunner",
         project="my-project",
         region="europe-west4",
@@ -51,33 +51,48 @@ def test_dataflow_flags_with_gpu_workers():
         worker_accelerator_count=2,
         machine_type="n1-standard-8",
         sdk_container_image="europe-west4-docker.pkg.dev/my-project/ml/fullgrad:0.1.0",
-    )
-    assert args == [
-        "--runner=DataflowRunner",
-        "--project=my-project",
-        "--region=europe-west4",
-        "--temp_location=gs://bucket/tmp",
-        "--machine_type=n1-standard-8",
-        "--sdk_container_image=europe-west4-docker.pkg.dev/my-project/ml/fullgrad:0.1.0",
-        "--sdk_location=container",
-        (
-            "--dataflow_service_options=worker_accelerator="
-            "type:nvidia-tesla-t4;count:2;install-nvidia-driver"
-        ),
-    ]
-    # The flags are Beam's: its own parser reads them back.
-    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+    ).pipeline_options()
+    assert options == {
+        "runner": "DataflowRunner",
+        "project": "my-project",
+        "region": "europe-west4",
+        "temp_location": "gs://bucket/tmp",
+        "machine_type": "n1-standard-8",
+        "sdk_container_image": "europe-west4-docker.pkg.dev/my-project/ml/fullgrad:0.1.0",
+        "sdk_location": "container",
+        "dataflow_service_options": [
+            "worker_accelerator=type:nvidia-tesla-t4;count:2;install-nvidia-driver"
+        ],
+    }
+    # The keywords are Beam's: its own options read them back, as the job builds them.
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, WorkerOptions
 
-    options = PipelineOptions(args).view_as(GoogleCloudOptions)
-    assert (options.project, options.region) == ("my-project", "europe-west4")
-    assert options.dataflow_service_options == [
-        "worker_accelerator=type:nvidia-tesla-t4;count:2;install-nvidia-driver"
-    ]
+    from fullgrad.beam.options import pipeline_options
+
+    built = pipeline_options([], **options)
+    cloud = built.view_as(GoogleCloudOptions)
+    assert (cloud.project, cloud.region) == ("my-project", "europe-west4")
+    assert cloud.dataflow_service_options == options["dataflow_service_options"]
+    assert built.view_as(WorkerOptions).machine_type == "n1-standard-8"
 
 
 def test_dataflow_without_its_required_settings_is_refused():
     with pytest.raises(ValueError, match=r"needs \['region', 'temp_location'\]"):
-        beam_runner_args("DataflowRunner", project="p")
+        RunnerSettings("DataflowRunner", project="p").pipeline_options()
+
+
+def test_explain_parameters_come_from_the_declarations():
+    """Every JobConfig setting marked for Kubeflow, then every RunnerSettings field, typed."""
+    from fullgrad.beam.config import JobConfig, settings_fields
+
+    names = [p.name for p in explain_parameters()]
+    exposed = [f for f in settings_fields() if f.metadata["setting"].kfp]
+    assert len(names) == len(set(names)) == len(exposed) + len(dataclasses.fields(RunnerSettings))
+    assert {"input", "model", "output", "overwrite"}.isdisjoint(names)
+    by_name = {p.name: p for p in explain_parameters()}
+    assert by_name["input_format"].field == "format" and by_name["input_format"].default == ""
+    assert by_name["batch_size"].annotation is int and by_name["audit"].annotation is bool
+    assert by_name["batch_size"].default == JobConfig.__dataclass_fields__["batch_size"].default
 
 
 def test_dataset_folder_becomes_a_glob_on_the_path_or_the_uri(tmp_path):
@@ -96,7 +111,7 @@ def test_dataset_file_tfrecords_and_ambiguity(tmp_path):
     assert dataset_input(local(shard), local=True) == (str(shard), "tfrecord")
     assert dataset_input(local(tmp_path), local=True) == (f"{tmp_path}/*.tfrecord*", "tfrecord")
     (tmp_path / "more.parquet").write_bytes(b"x")
-    with pytest.raises(ValueError, match="both Parquet and TFRecord"):
+    with pytest.raises(ValueError, match=r"several formats \['parquet', 'tfrecord'\]"):
         dataset_input(local(tmp_path), local=True)
     assert dataset_input(local(tmp_path), True, "parquet") == (f"{tmp_path}/*.parquet", "parquet")
     with pytest.raises(ValueError, match="input_format must be"):
@@ -106,7 +121,7 @@ def test_dataset_file_tfrecords_and_ambiguity(tmp_path):
 def test_dataset_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset artifact not found at"):
         dataset_input(local(tmp_path / "missing"), local=True)
-    with pytest.raises(ValueError, match="no Parquet or TFRecord files"):
+    with pytest.raises(ValueError, match=r"no dataset files \(parquet, tfrecord\) in the folder"):
         dataset_input(local(tmp_path), local=True)
     with pytest.raises(ValueError, match="local path"):
         dataset_input(local(tmp_path), local=False)  # remote workers cannot read the pod's disk
