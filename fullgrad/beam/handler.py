@@ -155,8 +155,8 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         self.image_size = int(image_size)
         self.top_k = int(top_k)
         self.safe_mode = safe_mode
-        self._explained = Metrics.counter(METRICS_NAMESPACE, "images_explained")
-        self._latency = Metrics.distribution(METRICS_NAMESPACE, "batch_latency_ms")
+        # RunInference counts inferences (num_inferences) and times batches
+        # (inference_batch_latency_micro_secs) itself, under get_metrics_namespace().
         self._loads = Metrics.counter(METRICS_NAMESPACE, "model_loads")
         self._unreported_loads = 0
 
@@ -191,7 +191,6 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         if self._unreported_loads:
             self._loads.inc(self._unreported_loads)
             self._unreported_loads = 0
-        start = time.perf_counter()
         try:
             outputs = [self._explain(batch, model)]
             groups = [list(batch)]
@@ -220,7 +219,6 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
                     "topk_logits": output["topk_logits"][index],
                 }
                 results.append(PredictionResult(request, inference))
-        self._latency.update(int((time.perf_counter() - start) * 1000))
         return results
 
     def _explain(self, batch: Sequence[dict], model: LoadedExplainer) -> dict[str, np.ndarray]:
