@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -34,6 +34,7 @@ from fullgrad.targets import TARGET_PREDICTED
 __all__ = [
     "GradCAM",
     "InputXGradient",
+    "cached_on",
     "grad_cam",
     "input_x_gradient",
     "logits_model",
@@ -274,12 +275,23 @@ class GradCAM(_Explainer):
 _CACHE_ATTRIBUTE = "_fullgrad_baselines"
 
 
-def _cached(model: keras.Model, key: tuple, build) -> _Explainer:
-    """One explainer per (model, method, options), kept on the model so traces are reused.
+def cached_on(model: keras.Model, key: tuple, build: Callable[[], Any]) -> Any:
+    """One object per ``(model, key)``, built once and kept on the model so traces are reused.
 
-    An attribute rather than a weak registry: the explainer references the model, so a weakly
+    An attribute rather than a weak registry: the object references the model, so a weakly
     keyed registry would keep every model alive. ``object.__setattr__`` keeps Keras from
     tracking the cache as model state.
+
+    Args:
+        model: The model the object belongs to.
+        key: What distinguishes it from the model's other cached objects (method, options).
+        build: Makes the object when it is not cached yet.
+
+    Returns:
+        The cached object.
+
+    Example:
+        >>> explainer = cached_on(model, ("grad_cam", None), lambda: GradCAM(model))
     """
     cache = model.__dict__.get(_CACHE_ATTRIBUTE)
     if cache is None:
@@ -307,7 +319,7 @@ def input_x_gradient(
     Example:
         >>> maps = input_x_gradient(model, images)
     """
-    explainer = _cached(model, ("input_x_gradient",), lambda: InputXGradient(model))
+    explainer = cached_on(model, ("input_x_gradient",), lambda: InputXGradient(model))
     return explainer._explain(inputs, targets, batch_size)
 
 
@@ -334,5 +346,5 @@ def grad_cam(
         >>> maps = grad_cam(model, images, labels)
     """
     name = layer if isinstance(layer, str) or layer is None else layer.name
-    explainer = _cached(model, ("grad_cam", name), lambda: GradCAM(model, layer))
+    explainer = cached_on(model, ("grad_cam", name), lambda: GradCAM(model, layer))
     return explainer._explain(inputs, targets, batch_size)

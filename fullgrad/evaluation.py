@@ -27,7 +27,7 @@ curve at ``1 - f`` in expectation, and the two AUCs are equal. ``random_maps`` i
 perturbation metrics reward a map for being smooth, whatever it shows.
 
 Batching. Every perturbation step is one forward pass over the batch's deletion and insertion
-images together. Results do not depend on the batch size (up to float round-off).
+images together; the two end steps (the image, its blurred copy) share one pass. Results do not depend on the batch size (up to float round-off).
 
 Merging. ``EvaluationTotals`` holds sums of curves and counts, overall and per class, so partial
 results merge (a Beam ``CombineFn`` can accumulate batch by batch); ``summary()`` gives the
@@ -60,7 +60,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fullgrad.baselines import logits_model
+from fullgrad.baselines import cached_on, logits_model
 from fullgrad.targets import TARGET_PREDICTED
 
 __all__ = [
@@ -240,10 +240,11 @@ def salience_ranks(maps: Any, tie_break_seed: int = 0) -> np.ndarray:
     batch, height, width = maps.shape
     flat = maps.reshape(batch, -1)
     tie_break = np.random.default_rng(tie_break_seed).permutation(height * width)
+    # lexsort sorts along the last axis by its last key first: by -value, then by tie_break.
+    order = np.lexsort((np.broadcast_to(tie_break, flat.shape), -flat))
     ranks = np.empty(flat.shape, np.int32)
-    for row, values in enumerate(flat):
-        order = np.lexsort((tie_break, -values))  # last key first: by -value, then tie_break
-        ranks[row, order] = np.arange(len(order), dtype=np.int32)
+    positions = np.broadcast_to(np.arange(height * width, dtype=np.int32), flat.shape)
+    np.put_along_axis(ranks, order, positions, axis=1)
     return ranks.reshape(batch, height, width)
 
 
@@ -362,15 +363,24 @@ class PerturbationCurves:
                 blurred = gaussian_blur(x, sigma)
                 both_targets = tf.concat([targets, targets], axis=0)
                 batch = tf.shape(x)[0]
+                # The image and its blurred copy end both curves: one pass scores them for
+                # the steps at 0 and at every pixel, whatever the map.
+                scored = {}
+                if 0 in counts or height * width in counts:
+                    ends = self._scores(tf.concat([x, blurred], axis=0), both_targets)
+                    scored[0] = (ends[:batch], ends[batch:])
+                    scored[height * width] = (ends[batch:], ends[:batch])
                 deletion, insertion = [], []
                 for count in counts:
-                    salient = (ranks < count)[..., None]
-                    deleted = tf.where(salient, blurred, x)
-                    inserted = tf.where(salient, x, blurred)
-                    # One forward pass per step over the whole batch, both curves at once.
-                    scores = self._scores(tf.concat([deleted, inserted], axis=0), both_targets)
-                    deletion.append(scores[:batch])
-                    insertion.append(scores[batch:])
+                    if count not in scored:
+                        salient = (ranks < count)[..., None]
+                        deleted = tf.where(salient, blurred, x)
+                        inserted = tf.where(salient, x, blurred)
+                        # One forward pass per step over the batch, both curves at once.
+                        scores = self._scores(tf.concat([deleted, inserted], axis=0), both_targets)
+                        scored[count] = (scores[:batch], scores[batch:])
+                    deletion.append(scored[count][0])
+                    insertion.append(scored[count][1])
                 return tf.stack(deletion, axis=1), tf.stack(insertion, axis=1)
 
             step = tf.function(
@@ -561,7 +571,10 @@ def evaluate(
         targets = np.asarray(targets).reshape(total)
     if classes is not None:
         classes = np.asarray(classes).reshape(total)
-    curves = PerturbationCurves(model, fractions, blur_sigma, tie_break_seed)
+    options = (tuple(float(f) for f in fractions), blur_sigma, tie_break_seed)
+    curves = cached_on(
+        model, ("perturbation_curves", *options), lambda: PerturbationCurves(model, *options)
+    )
     if totals is None:
         totals = EvaluationTotals(fractions=curves.fractions)
     totals.blur_sigma = curves.sigma_for(*images.shape[1:3])
