@@ -35,9 +35,11 @@ __all__ = [
     "decode_mask",
     "encode_jpeg",
     "encode_png",
+    "pixels_to_array",
     "pixels_to_rgb",
     "preprocess",
     "resize_map",
+    "thumbnail_rgb",
 ]
 
 #: 64 megapixels: far above any classifier's input, far below what exhausts a worker's memory.
@@ -107,37 +109,55 @@ def _resize(image: Image.Image, size: tuple[int, int] | None, resample: int) -> 
     return image.resize((size[1], size[0]), resample)
 
 
+#: Pillow's modes for the channel counts an encoded image decodes to.
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+#: ITU-R 601-2 luma weights, as Pillow's ``convert("L")``: RGB pixel arrays for grey models.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
 def decode_image(
     data: bytes,
     size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    channels: int = 3,
 ) -> np.ndarray:
-    """Decodes PNG/JPEG bytes to RGB, resized to ``size``.
+    """Decodes PNG/JPEG bytes to ``channels`` channels, resized to ``size``.
 
     Args:
         data: The encoded image.
         size: ``(height, width)`` to resize to (bilinear); the decoded size when None.
         max_pixels: Largest ``width * height`` accepted, checked before decoding.
+        channels: 3 (RGB; alpha is dropped), 1 (luminance, for grey models) or 4 (RGBA).
 
     Returns:
-        ``uint8 [H, W, 3]``.
+        ``uint8 [H, W, 3]``, or ``[H, W, channels]``.
 
     Raises:
-        ImageError: Empty, unsupported, corrupt or over-sized data.
+        ImageError: Empty, unsupported, corrupt or over-sized data, or a channel count an
+            encoded image cannot have.
 
     Example:
         >>> decode_image(open("cat.png", "rb").read(), size=(224, 224)).shape
         (224, 224, 3)
+        >>> decode_image(open("cat.png", "rb").read(), channels=1).shape[-1]
+        1
     """
+    if channels not in _MODES:
+        raise ImageError(
+            f"the model takes {channels} channels; PNG/JPEG images decode to 1, 3 or 4: store "
+            f"{channels}-channel images as pixel arrays"
+        )
     image = _open(data, max_pixels, "image")
     with image:
-        # Palette/LA/I;16/CMYK all reach RGB through Pillow's own conversions; RGBA drops alpha.
+        # Palette/LA/I;16/CMYK all reach RGB/L through Pillow's own conversions.
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(image, dtype=np.float64)
             top = 65535.0 if array.max(initial=0) > 255 else 255.0
             image = Image.fromarray((array / top * 255).round().astype(np.uint8), mode="L")
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return np.asarray(_resize(rgb, size, Image.BILINEAR), dtype=np.uint8)
+        mode = _MODES[channels]
+        converted = image if image.mode == mode else image.convert(mode)
+        array = np.asarray(_resize(converted, size, Image.BILINEAR), dtype=np.uint8)
+        return array[..., None] if channels == 1 else array
 
 
 def decode_mask(
@@ -164,22 +184,29 @@ def decode_mask(
     return np.asarray(_resize(gray, size, Image.NEAREST)) > 127
 
 
-def pixels_to_rgb(pixels: Any, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Checks a pixel array (values in 0..255) and returns float32 RGB resized to ``size``.
+def pixels_to_array(
+    pixels: Any, size: tuple[int, int] | None = None, channels: int = 3
+) -> np.ndarray:
+    """Checks a pixel array (values in 0..255) and returns float32 ``channels`` at ``size``.
+
+    An array with the model's channel count passes through (multispectral included); grey
+    becomes RGB by repetition, RGB(A) becomes grey by luminance (ITU-R 601-2, as for decoded
+    images), RGBA becomes RGB by dropping alpha. Any other count is refused.
 
     Args:
-        pixels: ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]``, any numeric type.
+        pixels: ``[H, W]`` or ``[H, W, C]``, any numeric type.
         size: ``(height, width)`` to resize to (bilinear, per channel); unchanged when None.
+        channels: The model's input channels.
 
     Returns:
-        ``float32 [H, W, 3]``.
+        ``float32 [H, W, channels]``.
 
     Raises:
-        ImageError: A wrong shape, a non-numeric array, or NaN/inf values.
+        ImageError: A wrong shape or channel count, a non-numeric array, or NaN/inf values.
 
     Example:
-        >>> pixels_to_rgb(np.zeros([32, 32])).shape
-        (32, 32, 3)
+        >>> pixels_to_array(np.zeros([32, 32, 6]), channels=6).shape
+        (32, 32, 6)
     """
     try:
         array = np.asarray(pixels, dtype=np.float32)
@@ -187,25 +214,64 @@ def pixels_to_rgb(pixels: Any, size: tuple[int, int] | None = None) -> np.ndarra
         raise ImageError(f"pixel array is not numeric or not rectangular: {error}") from error
     if array.ndim == 2:
         array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(array.shape[:2]) < 1:
-        raise ImageError(f"pixel array has shape {array.shape}; expected [H, W] or [H, W, 1|3|4]")
+    if array.ndim != 3 or min(array.shape) < 1:
+        raise ImageError(f"pixel array has shape {array.shape}; expected [H, W] or [H, W, C]")
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     if bad:
         raise ImageError(f"pixel array contains {bad} NaN/inf values")
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    array = array[..., :3]
+    found = array.shape[-1]
+    if found != channels:
+        if found == 1 and channels == 3:
+            array = np.repeat(array, 3, axis=-1)
+        elif found in (3, 4) and channels == 1:
+            array = array[..., :3] @ _LUMA[:, None]
+        elif found == 4 and channels == 3:
+            array = array[..., :3]
+        else:
+            raise ImageError(
+                f"pixel array has {found} channels; the model takes {channels} "
+                "(only grey <-> RGB and RGBA -> RGB are converted)"
+            )
     if size is not None and array.shape[:2] != tuple(size):
-        channels = [
+        planes = [
             np.asarray(
                 Image.fromarray(np.ascontiguousarray(array[..., c]), mode="F").resize(
                     (size[1], size[0]), Image.BILINEAR
                 )
             )
-            for c in range(3)
+            for c in range(array.shape[-1])
         ]
-        array = np.stack(channels, axis=-1)
+        array = np.stack(planes, axis=-1)
     return array.astype(np.float32)
+
+
+def pixels_to_rgb(pixels: Any, size: tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`pixels_to_array` for RGB models: ``float32 [H, W, 3]``.
+
+    Example:
+        >>> pixels_to_rgb(np.zeros([32, 32])).shape
+        (32, 32, 3)
+    """
+    return pixels_to_array(pixels, size, channels=3)
+
+
+def thumbnail_rgb(image: np.ndarray) -> np.ndarray:
+    """A ``uint8`` RGB picture of a decoded image of any channel count, for thumbnails.
+
+    Grey is repeated to RGB; four or more channels show their first three (RGB of RGBA, the
+    first three bands of a multispectral image).
+
+    Example:
+        >>> thumbnail_rgb(np.zeros([8, 8, 1], np.uint8)).shape
+        (8, 8, 3)
+    """
+    image = np.asarray(image)
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    image = image[..., :3]
+    if image.dtype != np.uint8:
+        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return image
 
 
 def preprocess(images: Any, mode: str) -> np.ndarray:

@@ -229,8 +229,13 @@ class JobConfig:
     large_model: bool = _setting(
         False, help="share one model across a machine's processes", group="model"
     )
-    #: The model's class count, filled in by the job's model check (not a flag).
+    logits_layer: str | None = _setting(
+        None, help="the layer whose output is the class logits (default: found through the "
+        "model's head)", group="model",
+    )
+    #: The model's class count and input channels, filled in by the job's model check.
     num_classes: int | None = None
+    channels: int | None = None
     #: ``fullgrad.audit.settings.AuditSettings`` keywords (the ``--audit-*`` flags).
     audit_options: dict = dataclasses.field(default_factory=dict)
 

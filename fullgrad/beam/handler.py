@@ -63,6 +63,7 @@ class LoadedExplainer:
         image_size: The input side; the step is traced and warmed for it at load time.
         top_k: How many top predictions to return per image.
         safe_mode: Keras' safe_mode.
+        logits_layer: The layer whose output is the logits; found through the head when None.
 
     Example:
         >>> explainer = LoadedExplainer("model.keras", image_size=32)
@@ -72,13 +73,19 @@ class LoadedExplainer:
     """
 
     def __init__(
-        self, model_path: str, image_size: int, top_k: int = 5, safe_mode: bool = True
+        self,
+        model_path: str,
+        image_size: int,
+        top_k: int = 5,
+        safe_mode: bool = True,
+        logits_layer: str | None = None,
     ) -> None:
         _enable_gpu_memory_growth()
         import fullgrad
 
         model = fullgrad.load_model(model_path, safe_mode=safe_mode)
-        self.engine = fullgrad.FullGrad(model)
+        options = {"logits_layer": logits_layer} if logits_layer else {}
+        self.engine = fullgrad.FullGrad(model, **options)
         self.num_classes = int(model.outputs[0].shape[-1])
         self.top_k = max(1, min(int(top_k), self.num_classes))
         # Trace now, on one dummy image: the signature has a free batch dimension, so no batch
@@ -117,6 +124,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
     Args:
         model_path: The ``.keras`` / ``.h5`` classifier, local or ``gs://`` / ``s3://``.
         image_size: The side of the (square) preprocessed images.
+        logits_layer: The layer whose output is the logits; found through the head when None.
         top_k: Top predictions kept per image.
         safe_mode: Keras' safe_mode when loading.
         min_batch_size: Smallest batch ``BatchElements`` forms.
@@ -136,6 +144,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         model_path: str,
         image_size: int,
         *,
+        logits_layer: str | None = None,
         top_k: int = 5,
         safe_mode: bool = True,
         min_batch_size: int | None = None,
@@ -153,6 +162,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         )
         self.model_path = model_path
         self.image_size = int(image_size)
+        self.logits_layer = logits_layer
         self.top_k = int(top_k)
         self.safe_mode = safe_mode
         # RunInference counts inferences (num_inferences) and times batches
@@ -165,7 +175,11 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         start = time.perf_counter()
         explainer = LoadedExplainer(
-            self.model_path, self.image_size, top_k=self.top_k, safe_mode=self.safe_mode
+            self.model_path,
+            self.image_size,
+            top_k=self.top_k,
+            safe_mode=self.safe_mode,
+            logits_layer=self.logits_layer,
         )
         # DoFn.setup (where RunInference loads) has no metrics context: counted at first use.
         self._unreported_loads += 1

@@ -180,17 +180,22 @@ def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
 # -- checks before reading -------------------------------------------------------------------
 
 
-def check_model(config: JobConfig) -> int:
-    """Loads the model once and checks it fits the job; returns its number of classes.
+def check_model(config: JobConfig) -> tuple[int, int]:
+    """Loads the model once and checks it fits the job.
+
+    Returns:
+        ``(classes, channels)``: the model's class count and input channels (3 when the model
+        leaves them open); the job decodes images to that many channels.
 
     Raises:
         JobError: Missing, unloadable or unsafe file; not a single-output classifier; an input
-            shape that does not take ``image_size x image_size`` RGB images; a ``--target``
-            class out of range.
+            that is not ``[batch, --image-size, --image-size, channels]`` (the message says
+            whether the size or the rank is wrong, and which flag fixes it); a preprocess mode
+            for RGB on a model that is not; a ``--target`` class out of range.
 
     Example:
         >>> check_model(JobConfig(input="x.parquet", model="model.keras", output="out"))
-        1000
+        (1000, 3)
     """
     import fullgrad
     from fullgrad.models import ModelLoadError
@@ -204,11 +209,22 @@ def check_model(config: JobConfig) -> int:
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise JobError(f"--model {config.model}: expected one input and one output")
     shape = tuple(model.inputs[0].shape)
-    wanted = (config.image_size, config.image_size, 3)
-    if len(shape) != 4 or any(s is not None and s != w for s, w in zip(shape[1:], wanted)):
+    if len(shape) != 4:
         raise JobError(
-            f"--model {config.model} takes inputs of shape {shape[1:]}, but the job feeds "
-            f"{wanted} (--image-size {config.image_size}, RGB); set --image-size to match"
+            f"--model {config.model} takes inputs of shape {shape[1:]}; the job feeds images, "
+            "[height, width, channels]"
+        )
+    height, width, channels = shape[1:]
+    if any(side is not None and side != config.image_size for side in (height, width)):
+        raise JobError(
+            f"--model {config.model} takes {height}x{width} images, but the job resizes to "
+            f"{config.image_size}x{config.image_size}: set --image-size {height or width}"
+        )
+    channels = int(channels or 3)
+    if channels != 3 and config.preprocess in ("caffe", "torch"):
+        raise JobError(
+            f"--preprocess {config.preprocess} is for RGB images, but --model {config.model} "
+            f"takes {channels} channels: use --preprocess none, unit or tf"
         )
     output = tuple(model.outputs[0].shape)
     if len(output) != 2 or not output[1]:
@@ -217,7 +233,7 @@ def check_model(config: JobConfig) -> int:
     index = config.target_index()
     if index is not None and index >= classes:
         raise JobError(f"--target {index} is out of range for a model with {classes} classes")
-    return classes
+    return classes, channels
 
 
 def check_input(config: JobConfig) -> int:
@@ -310,7 +326,8 @@ def prepare_output(config: JobConfig) -> None:
 def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> JobOutputs:
     """Adds the job's stages to ``pipeline``: read, explain, and (``write``) every output.
 
-    ``config.num_classes`` should be set (``check_model``) so labels are range-checked early;
+    ``config.num_classes`` and ``config.channels`` should be set (``check_model``) so labels
+    are range-checked early and images decoded to the model's channels;
     the outputs written are maps and dead-letter Parquet, ``counts.json`` (used for
     ``summary.json``), and, as configured, TFRecords, overlays and the audit.
 
@@ -527,7 +544,7 @@ def run(
     # options: the checks below open the model, list the input and the output with them.
     options = pipeline_options(extra, **option_overrides)
     FileSystems.set_options(options)
-    config.num_classes = check_model(config)
+    config.num_classes, config.channels = check_model(config)
     files = check_input(config)
     prepare_output(config)
     with _engine_args(extra, dask) as beam_args:

@@ -30,9 +30,10 @@ from fullgrad.images import (
     ImageError,
     decode_image,
     decode_mask,
-    pixels_to_rgb,
+    pixels_to_array,
     preprocess,
     resize_map,
+    thumbnail_rgb,
 )
 from fullgrad.record import dead_letter, explained
 from fullgrad.targets import TARGET_PREDICTED
@@ -76,6 +77,7 @@ class DecodeRows(beam.DoFn):
 
     def __init__(self, config: JobConfig) -> None:
         self._size = (config.image_size, config.image_size)
+        self._channels = int(config.channels or 3)
         self._map_size = (config.resolved_map_size(),) * 2
         self._mode = config.preprocess
         self._max_pixels = config.max_pixels
@@ -142,9 +144,9 @@ class DecodeRows(beam.DoFn):
                     "the image column holds text; expected PNG/JPEG bytes or a pixel array"
                 )
             if isinstance(image, bytes | bytearray | memoryview):
-                rgb = decode_image(image, self._size, self._max_pixels)  # uint8
+                pixels = decode_image(image, self._size, self._max_pixels, self._channels)
             else:
-                rgb = None  # a pixel array: checked (NaN) at the preprocess stage
+                pixels = None  # a pixel array: checked (NaN) at the preprocess stage
             mask = None
             if row.get("mask") is not None:
                 mask = decode_mask(row["mask"], self._map_size, self._max_pixels)
@@ -152,10 +154,10 @@ class DecodeRows(beam.DoFn):
             yield beam.pvalue.TaggedOutput("dead", dead_letter(record_id, "decode", error))
             return
         try:
-            if rgb is None:
-                rgb = pixels_to_rgb(image, self._size)
+            if pixels is None:
+                pixels = pixels_to_array(image, self._size, self._channels)
             target = self._resolve_target(row.get("label"))
-            x = preprocess(rgb, self._mode)
+            x = preprocess(pixels, self._mode)
         except (ImageError, ValueError) as error:
             yield beam.pvalue.TaggedOutput("dead", dead_letter(record_id, "preprocess", error))
             return
@@ -165,13 +167,12 @@ class DecodeRows(beam.DoFn):
             "target": target,
             "label": row.get("label"),
             "mask": mask,
-            "thumbnail": self._thumbnail(rgb),
+            "thumbnail": self._thumbnail(pixels),
         }
 
-    def _thumbnail(self, rgb: np.ndarray) -> np.ndarray:
-        """uint8 ``[h, w, 3]`` at the map size; a decoded image is uint8 already (no copy)."""
-        if rgb.dtype != np.uint8:
-            rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    def _thumbnail(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 ``[h, w, 3]`` at the map size; a decoded RGB image is used as it is (no copy)."""
+        rgb = thumbnail_rgb(pixels)
         if rgb.shape[:2] == self._map_size:
             return rgb
         from PIL import Image
@@ -261,6 +262,7 @@ def handler_for(config: JobConfig) -> FullGradModelHandler:
     return FullGradModelHandler(
         config.model,
         config.image_size,
+        logits_layer=config.logits_layer,
         top_k=config.top_k,
         safe_mode=config.safe_mode,
         min_batch_size=config.min_batch_size or config.batch_size,

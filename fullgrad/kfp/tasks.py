@@ -56,7 +56,7 @@ _LOG = logging.getLogger(__name__)
 
 #: Runner values that run the job inside the pod, on its local paths.
 LOCAL_RUNNERS = frozenset({"", "local", "DirectRunner", "PrismRunner"})
-_MODEL_SUFFIXES = (".keras", ".h5")
+_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 class _Artifact(Protocol):

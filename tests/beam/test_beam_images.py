@@ -111,8 +111,10 @@ def test_pixel_arrays_are_checked_for_nan_and_shape():
     nan[5, 5, 0] = np.inf
     with pytest.raises(ImageError, match="2 NaN/inf"):
         pixels_to_rgb(nan)
-    with pytest.raises(ImageError, match="shape"):
+    with pytest.raises(ImageError, match="has 2 channels; the model takes 3"):
         pixels_to_rgb(np.zeros([4, 4, 2]))
+    with pytest.raises(ImageError, match="shape"):
+        pixels_to_rgb(np.zeros([4, 4, 2, 1]))
     with pytest.raises(ImageError, match="not numeric"):
         pixels_to_rgb([[1, 2], [3]])
 

@@ -161,7 +161,7 @@ def test_tfrecord_run_equals_the_local_runner_and_loads_the_model_once_per_worke
     # Build the job's pipeline directly to read the handler's model_loads metric.
     config = _config(data, "*.tfrecord", str(tmp_path / "dask"), model_path, overlays=0,
                      batch_size=2)
-    config.num_classes = job.check_model(config)
+    config.num_classes, config.channels = job.check_model(config)
     job.prepare_output(config)
     options = pipeline_options([f"--runner={RUNNER_NAME}",
                                 f"--dask_client_address={cluster.address}",
