@@ -106,7 +106,7 @@ class LoadedExplainer:
             ``topk_classes [B, k]``, ``topk_logits [B, k]``: numpy arrays.
         """
         targets = np.asarray(targets, np.int32).reshape(-1, 1)
-        result = self.engine.compute(np.asarray(images, np.float32), targets)
+        result = self.engine.compute(np.asarray(images, np.float32), targets, batch_size=None)
         order = np.argsort(-result.all_logits, axis=1, kind="stable")[:, : self.top_k]
         return {
             "maps": result.maps[..., 0],

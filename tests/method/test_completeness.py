@@ -193,3 +193,48 @@ def test_fused_and_separate_activations_give_the_same_decomposition():
     conv = separate.layers[1]
     np.testing.assert_allclose(z, conv(x).numpy(), atol=1e-6)
     assert z.min() < 0
+
+
+def _grey_mini_xception(classes: int = 7) -> keras.Model:
+    """64x64x1, bias-free convolutions, four residual blocks, Conv2D(classes) -> GAP -> softmax.
+
+    Its eager Conv2D backprop crashes TF 2.21 with oneDNN on CPU (a glibc malloc assertion):
+    ``decompose`` must take its gradients in a traced step.
+    """
+    inputs = keras.Input((64, 64, 1))
+    x = L.Conv2D(8, 3, use_bias=False)(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.Activation("relu")(x)
+    x = L.Conv2D(8, 3, use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.Activation("relu")(x)
+    for filters in (16, 32, 64, 128):
+        residual = L.Conv2D(filters, 1, strides=2, padding="same", use_bias=False)(x)
+        residual = L.BatchNormalization()(residual)
+        x = L.SeparableConv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = L.BatchNormalization()(x)
+        x = L.Activation("relu")(x)
+        x = L.SeparableConv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = L.BatchNormalization()(x)
+        x = L.MaxPooling2D(3, strides=2, padding="same")(x)
+        x = L.Add()([x, residual])
+    x = L.Conv2D(classes, 3, padding="same")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Activation("softmax")(x))
+
+
+def test_decompose_of_a_grey_mini_xception_is_complete():
+    keras.utils.set_random_seed(0)
+    model = _grey_mini_xception()  # random weights, as in the crash report
+    gap = next(layer for layer in model.layers if isinstance(layer, L.GlobalAveragePooling2D))
+    layers, _ = ke.inspection.layers_with_biases(model, exclude=[gap])
+    exposed = ke.inspection.expose(model, layers, logits_layer=gap)
+    x = np.random.default_rng(0).uniform(0, 1, (4, 64, 64, 1)).astype(np.float32)
+    parts = ke.decompose(exposed, x)
+    logits = exposed(x)[0].numpy()
+    np.testing.assert_allclose(parts.logits, logits.max(axis=1), rtol=1e-5)
+    assert parts.residual.max() < 1e-4, parts.residual
+    np.testing.assert_allclose(parts.reconstruction, parts.logits, rtol=1e-4, atol=1e-5)
+    assert len(parts.biases) == len(layers) == 15  # 14 BatchNorms and the class convolution
+    maps = ke.FullGrad(exposed).explain(x)
+    assert maps.shape == (4, 64, 64) and np.isfinite(maps).all()
