@@ -6,7 +6,8 @@ statistics or their moments, counts and optionally the mix of predicted classes)
 :func:`attribution_drift` compares them class by class:
 
 - **map_distance** ``= 1 - r``, with ``r`` Pearson's correlation of the two mean maps after both
-  are area-averaged onto a coarse ``grid x grid`` grid (8 x 8 by default, :func:`coarse_map`).
+  are area-averaged onto a coarse ``grid x grid`` grid (8 x 8 by default,
+  :func:`fullgrad.audit.stats.coarse_map`).
   0 for maps of the same shape, 1 for unrelated maps, up to 2 for opposite ones; it ignores the
   maps' overall level and scale, which min-max normalised maps do not carry anyway. Coarse,
   because two runs never put a blob on the same pixel and the question is "did the class's
@@ -49,11 +50,12 @@ from typing import Any
 
 import numpy as np
 
+from fullgrad.audit.stats import coarse_map
+
 __all__ = [
     "ClassSummary",
     "DriftOptions",
     "attribution_drift",
-    "coarse_map",
     "map_distance",
     "shift_interval",
     "total_variation",
@@ -122,37 +124,6 @@ class ClassSummary:
     samples: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     moments: Mapping[str, tuple[float, float, float]] = dataclasses.field(default_factory=dict)
     predicted: Mapping[int, int] | None = None
-
-
-def coarse_map(saliency: np.ndarray, grid: int = 8) -> np.ndarray:
-    """Area-average of a ``[h, w]`` map onto a ``grid x grid`` grid.
-
-    Output cell ``(i, j)`` is the mean of the map over the cell's area, pixels cut by a cell
-    boundary counted by the part inside: ``R_h @ s @ R_w.T`` with ``R[i, p]`` the overlap of
-    cell ``i`` with pixel ``p`` divided by the cell's width. For ``h`` and ``w`` multiples of
-    ``grid`` this is the plain block mean. NaN counts as 0.
-
-    Example:
-        >>> coarse_map(np.arange(16.0).reshape(4, 4), 2)
-        array([[ 2.5,  4.5],
-               [10.5, 12.5]])
-    """
-    array = np.nan_to_num(np.asarray(saliency, np.float64))
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise ValueError(f"a map must be [h, w], got shape {array.shape}")
-    return _resampling(array.shape[0], grid) @ array @ _resampling(array.shape[1], grid).T
-
-
-def _resampling(size: int, cells: int) -> np.ndarray:
-    """``[cells, size]`` area-averaging weights (each row sums to 1)."""
-    edges = np.linspace(0.0, size, cells + 1)
-    pixels = np.arange(size + 1, dtype=np.float64)
-    low = np.maximum(edges[:-1, None], pixels[None, :-1])
-    high = np.minimum(edges[1:, None], pixels[None, 1:])
-    overlap = np.clip(high - low, 0.0, None)
-    return overlap / overlap.sum(axis=1, keepdims=True)
 
 
 def map_distance(baseline: np.ndarray, current: np.ndarray, grid: int = 8) -> float:

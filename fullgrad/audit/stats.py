@@ -78,6 +78,7 @@ __all__ = [
     "border_band",
     "chance_levels",
     "class_location_flags",
+    "coarse_map",
     "concentration",
     "dilate",
     "image_location_flags",
@@ -312,6 +313,37 @@ def image_statistics(
     result["border_lift"] = lift(result["border_energy"], chance["border_energy"])
     result["mask_lift"] = lift(result["mask_energy"], chance["mask_energy"])
     return result
+
+
+def coarse_map(saliency: np.ndarray, grid: int = 8) -> np.ndarray:
+    """Area-average of a ``[h, w]`` map onto a ``grid x grid`` grid.
+
+    Output cell ``(i, j)`` is the mean of the map over the cell's area, pixels cut by a cell
+    boundary counted by the part inside: ``R_h @ s @ R_w.T`` with ``R[i, p]`` the overlap of
+    cell ``i`` with pixel ``p`` divided by the cell's width. For ``h`` and ``w`` multiples of
+    ``grid`` this is the plain block mean. NaN counts as 0.
+
+    Example:
+        >>> coarse_map(np.arange(16.0).reshape(4, 4), 2)
+        array([[ 2.5,  4.5],
+               [10.5, 12.5]])
+    """
+    array = np.nan_to_num(np.asarray(saliency, np.float64))
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise ValueError(f"a map must be [h, w], got shape {array.shape}")
+    return _resampling(array.shape[0], grid) @ array @ _resampling(array.shape[1], grid).T
+
+
+def _resampling(size: int, cells: int) -> np.ndarray:
+    """``[cells, size]`` area-averaging weights (each row sums to 1)."""
+    edges = np.linspace(0.0, size, cells + 1)
+    pixels = np.arange(size + 1, dtype=np.float64)
+    low = np.maximum(edges[:-1, None], pixels[None, :-1])
+    high = np.minimum(edges[1:, None], pixels[None, 1:])
+    overlap = np.clip(high - low, 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
 
 
 # -- chance levels, lifts and the location flags ---------------------------------------------

@@ -66,8 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from fullgrad.audit.drift import coarse_map
-from fullgrad.audit.stats import salient_part
+from fullgrad.audit.stats import coarse_map, salient_part
 
 __all__ = [
     "MapReservoir",
@@ -125,8 +124,17 @@ class MapReservoir:
     ) -> MapReservoir:
         """Offers one map; kept when its key is among the ``capacity`` smallest so far.
 
+        Args:
+            image_id: The image's id (``str(image_id)`` is hashed).
+            saliency: Its ``[h, w]`` map, any size (downsampled to ``grid x grid`` here).
+            statistics: Optional per-image statistics kept with it (e.g. ``image_statistics``).
+
         Returns:
             The reservoir (for chaining).
+
+        Example:
+            >>> MapReservoir(capacity=2).add("a", m).add("b", m).add("c", m).ids
+            ['c', 'a']
         """
         rank = (sample_key(image_id, self.salt), str(image_id))
         if self._threshold is not None and rank > self._threshold:

@@ -122,9 +122,9 @@ def test_classes_in_one_run_only_and_small_classes():
 def test_coarse_map_and_distances_against_their_formulas():
     array = np.random.default_rng(0).uniform(size=(16, 24))
     blocks = array.reshape(8, 2, 8, 3).mean(axis=(1, 3))
-    np.testing.assert_allclose(drift.coarse_map(array, 8), blocks)
+    np.testing.assert_allclose(stats.coarse_map(array, 8), blocks)
     odd = np.random.default_rng(1).uniform(size=(13, 7))
-    assert drift.coarse_map(odd, 4).mean() == pytest.approx(odd.mean())  # area-weighted
+    assert stats.coarse_map(odd, 4).mean() == pytest.approx(odd.mean())  # area-weighted
     a, b = np.random.default_rng(2).uniform(size=(2, 8, 8))
     assert drift.map_distance(a, b) == pytest.approx(1 - np.corrcoef(a.ravel(), b.ravel())[0, 1])
     assert drift.map_distance(a, 3 * a + 1) == pytest.approx(0.0, abs=1e-12)

@@ -1,5 +1,7 @@
 """Strategy discovery (SpRAy) on synthetic classes with and without a planted corner mark."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -107,6 +109,8 @@ def test_the_reservoir_stays_bounded_and_downsamples_by_area():
     for i in range(500):
         reservoir.add(i, rng.uniform(size=(8, 8)))
     assert len(reservoir) == 10 and len(reservoir._items) < 20
+    copy = pickle.loads(pickle.dumps(reservoir))  # Beam encodes accumulators
+    assert copy.ids == reservoir.ids and np.array_equal(copy.maps, reservoir.maps)
     one = strategies.MapReservoir(capacity=3, grid=2).add("a", np.arange(16.0).reshape(4, 4))
     np.testing.assert_allclose(one.maps[0], [[2.5, 4.5], [10.5, 12.5]])
 
