@@ -10,7 +10,7 @@ statistics or their moments, counts and optionally the mix of predicted classes)
   :func:`fullgrad.audit.stats.coarse_map`).
   0 for maps of the same shape, 1 for unrelated maps, up to 2 for opposite ones; it ignores the
   maps' overall level and scale, which min-max normalised maps do not carry anyway. Coarse,
-  because two runs never put a blob on the same pixel and the question is "did the class's
+  because two runs rarely put a blob on the same pixel, and the question is "did the class's
   saliency move (from the object to a corner)", not "did it jitter". A constant map has no
   correlation: two constant maps are at distance 0, one constant and one not at 1.
 - **shifts**: for each statistic, ``shift = mean(current) - mean(baseline)`` with a percentile
@@ -34,7 +34,7 @@ exceeds ``mix_distance_max``; or it is in one run only. Classes with fewer than
 ``min_class_count`` images in either run are reported but never drifted.
 
 Example:
-    >>> drift = attribution_drift(old_summaries, new_summaries, baseline="runs/2026-11-30")
+    >>> drift = attribution_drift(old_summaries, new_summaries, "runs/2026-11-30/audit.json")
     >>> drift["drifted_classes"]
     ['3']
 """
