@@ -56,7 +56,15 @@ __all__ = [
 ]
 
 #: Per-image statistics of a map (``fullgrad.audit.stats`` computes them), in report order.
-STATISTICS = ("concentration", "entropy", "border_energy", "mask_energy", "pointing_hit")
+STATISTICS = (
+    "concentration",
+    "entropy",
+    "border_energy",
+    "mask_energy",
+    "pointing_hit",
+    "border_lift",
+    "mask_lift",
+)
 #: Every statistic stored as a column: the map's statistics and the object mask's area share.
 STATISTIC_COLUMNS = (*STATISTICS, "mask_area")
 #: Storage types of the ``map`` column.

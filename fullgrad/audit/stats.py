@@ -32,6 +32,31 @@ A map with no mass (all zeros: FullGrad returns zeros for a constant map) is rea
 that it lands at the "no preference" point of every statistic instead of producing NaN.
 ``mask_energy`` and ``pointing_hit`` are NaN when there is no mask or the mask is empty.
 
+**Chance levels and lifts.** A location statistic means little without what a map with no
+preference scores: a uniform map puts the region's *area share* on it. So each location
+statistic has a chance level, measured at the map's resolution (:func:`chance_levels`):
+
+- mask energy's chance is ``c = mean(mask)``, the mask's area share;
+- border energy's chance is ``c = mean(band)``, the band's area share.
+
+The salient part keeps this exact: under a uniform map ``s - q`` is zero everywhere, and the
+salient part is then defined as the pixels at the map's maximum level (below), i.e. the whole map,
+so a uniform map scores exactly ``c``. A map of i.i.d. noise scores ``c`` in expectation, since its
+salient pixels are a uniformly random subset.
+
+The **lift** over chance (:func:`lift`) is ``(e - c) / (1 - c)``: 0 at chance, 1 when all the
+salient mass is in the region, negative below chance (down to ``-c / (1 - c)`` when none is). It
+is Cohen's kappa's correction (observed minus chance, over its room above chance). Chosen over the
+ratio ``e / c`` because the ratio's ceiling ``1 / c`` depends on the region's size (a 5% mask can
+reach 20, a 50% mask only 2), so ratios of classes with different object sizes do not compare; the
+lift's ceiling is 1 for every region, and its zero is the same "no preference" for every region.
+``mask_lift`` and ``border_lift`` are per-image statistics (NaN where the chance level is NaN or 1).
+
+**Plateaus.** When the brightest ``1 - floor_quantile`` of the pixels all sit at the maximum
+(a uniform map, or a saturated one), ``s - q`` has no mass; the salient part is then the indicator
+of the pixels at the maximum. For a uniform map that is every pixel (the chance level above); for
+a saturated map it is the saturated region, not the whole image.
+
 Example:
     >>> from fullgrad.audit import stats
     >>> s = stats.image_statistics(saliency, mask=object_mask)
@@ -50,11 +75,17 @@ from fullgrad.record import STATISTICS
 
 __all__ = [
     "STATISTICS",
+    "LocationFlagOptions",
     "StatisticsOptions",
     "border_band",
+    "chance_levels",
+    "class_location_flags",
+    "coarse_map",
     "concentration",
     "dilate",
+    "image_location_flags",
     "image_statistics",
+    "lift",
     "normalised_entropy",
     "pointing_hit",
     "salient_part",
@@ -125,7 +156,11 @@ def _salient(mass: np.ndarray, floor_quantile: float) -> np.ndarray:
     """``salient_part`` of a map that is already mass (``_mass``)."""
     if floor_quantile <= 0.0:
         return mass
-    return _uniform_if_empty(np.maximum(mass - _quantile(mass, floor_quantile), 0.0))
+    salient = np.maximum(mass - _quantile(mass, floor_quantile), 0.0)
+    if salient.sum() > 0.0:
+        return salient
+    # A plateau at the top: the quantile is the maximum. Its pixels are the salient part.
+    return (mass >= mass.max()).astype(np.float64)
 
 
 def salient_part(saliency: np.ndarray, floor_quantile: float = 0.8) -> np.ndarray:
@@ -241,8 +276,8 @@ def image_statistics(
         options: How to measure; defaults to :class:`StatisticsOptions`.
 
     Returns:
-        ``{name: value}`` for every name in :data:`STATISTICS`; ``mask_energy`` and
-        ``pointing_hit`` are NaN without a (non-empty) mask.
+        ``{name: value}`` for every name in :data:`STATISTICS`; ``mask_energy``,
+        ``pointing_hit`` and ``mask_lift`` are NaN without a (non-empty) mask.
 
     Example:
         >>> image_statistics(np.eye(8), mask=np.eye(8, dtype=bool))["mask_energy"]
@@ -266,4 +301,221 @@ def image_statistics(
         if mask.any():
             result["mask_energy"] = _share_inside(salient, mask)
             result["pointing_hit"] = _pointing_hit(mass, mask, options.pointing_tolerance)
+    chance = _chance_levels(mass.shape, mask, options.border_fraction)
+    result["border_lift"] = lift(result["border_energy"], chance["border_energy"])
+    result["mask_lift"] = lift(result["mask_energy"], chance["mask_energy"])
     return result
+
+
+def coarse_map(saliency: np.ndarray, grid: int = 8) -> np.ndarray:
+    """Area-average of a ``[h, w]`` map onto a ``grid x grid`` grid.
+
+    Output cell ``(i, j)`` is the mean of the map over the cell's area, pixels cut by a cell
+    boundary counted by the part inside: ``R_h @ s @ R_w.T`` with ``R[i, p]`` the overlap of
+    cell ``i`` with pixel ``p`` divided by the cell's width. For ``h`` and ``w`` multiples of
+    ``grid`` this is the plain block mean. NaN counts as 0.
+
+    Example:
+        >>> coarse_map(np.arange(16.0).reshape(4, 4), 2)
+        array([[ 2.5,  4.5],
+               [10.5, 12.5]])
+    """
+    array = np.nan_to_num(np.asarray(saliency, np.float64))
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise ValueError(f"a map must be [h, w], got shape {array.shape}")
+    return _resampling(array.shape[0], grid) @ array @ _resampling(array.shape[1], grid).T
+
+
+def _resampling(size: int, cells: int) -> np.ndarray:
+    """``[cells, size]`` area-averaging weights (each row sums to 1)."""
+    edges = np.linspace(0.0, size, cells + 1)
+    pixels = np.arange(size + 1, dtype=np.float64)
+    low = np.maximum(edges[:-1, None], pixels[None, :-1])
+    high = np.minimum(edges[1:, None], pixels[None, 1:])
+    overlap = np.clip(high - low, 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
+# -- chance levels, lifts and the location flags ---------------------------------------------
+
+
+def lift(value: float, chance: float) -> float:
+    """Lift of a share over its chance level: ``(value - chance) / (1 - chance)``.
+
+    0 at chance, 1 when the whole salient mass is in the region, negative below chance (its
+    minimum is ``-chance / (1 - chance)``). See the module docstring for why this form.
+
+    Args:
+        value: A share in [0, 1] (``mask_energy``, ``border_energy``).
+        chance: Its chance level, the region's area share (:func:`chance_levels`).
+
+    Returns:
+        The lift; NaN when either is NaN or ``chance >= 1`` (a region covering the whole map
+        leaves no room above chance).
+
+    Example:
+        >>> lift(0.5, 0.25)
+        0.3333333333333333
+    """
+    value, chance = float(value), float(chance)
+    if not (math.isfinite(value) and math.isfinite(chance)) or chance >= 1.0:
+        return math.nan
+    return (value - chance) / (1.0 - chance)
+
+
+def chance_levels(
+    shape: tuple[int, int], mask: np.ndarray | None = None, border_fraction: float = 0.1
+) -> dict[str, float]:
+    """What a map with no preference (a uniform map) scores on each location statistic.
+
+    ``border_energy``: the band's area share ``mean(border_band(shape))``; ``mask_energy``: the
+    mask's area share ``mean(mask)``, both at the map's resolution (resize the mask to the map
+    first), NaN without a (non-empty) mask, as ``mask_energy`` itself.
+
+    Args:
+        shape: The map's ``(h, w)``.
+        mask: Optional bool ``[h, w]`` (or ``[h, w, 1]``) object mask at the map's size.
+        border_fraction: As in :class:`StatisticsOptions`.
+
+    Returns:
+        ``{"border_energy": c_band, "mask_energy": c_mask}``.
+
+    Example:
+        >>> chance_levels((64, 64), border_fraction=0.1)["border_energy"]   # 1 - (52/64)**2
+        0.33984375
+    """
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.ndim == 3 and mask.shape[-1] == 1:
+            mask = mask[..., 0]
+        if mask.shape != tuple(shape):
+            raise ValueError(f"mask shape {mask.shape} != map shape {tuple(shape)}")
+    return _chance_levels(tuple(shape), mask, border_fraction)
+
+
+def _chance_levels(
+    shape: tuple[int, int], mask: np.ndarray | None, border_fraction: float
+) -> dict[str, float]:
+    has_mask = mask is not None and bool(mask.any())
+    return {
+        "border_energy": float(_border_band(shape, border_fraction).mean()),
+        "mask_energy": float(mask.mean()) if has_mask else math.nan,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class LocationFlagOptions:
+    """Thresholds of the location flags, on the lifts (0 = chance, 1 = all in the region).
+
+    Attributes:
+        image_mask_lift_min: An image is ``off_object`` when its mask lift is below this.
+        image_border_lift_max: An image is ``on_border`` when its border lift is above this.
+        class_mask_lift_min: A class is ``off_object`` when its mean mask lift is below this.
+        class_border_lift_max: A class is ``on_border`` when its mean border lift is above this.
+        class_border_lift_margin: A class is also ``on_border`` when its mean border lift is
+            above chance (> 0) and above the median of the other classes' by more than this.
+        min_class_count: Classes with fewer images are never flagged.
+
+    Example:
+        >>> LocationFlagOptions(class_mask_lift_min=0.3)
+    """
+
+    image_mask_lift_min: float = 0.1
+    image_border_lift_max: float = 0.25
+    class_mask_lift_min: float = 0.25
+    class_border_lift_max: float = 0.25
+    class_border_lift_margin: float = 0.3
+    min_class_count: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("image_mask_lift_min", "image_border_lift_max", "class_mask_lift_min",
+                     "class_border_lift_max"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [-1, 1], got {getattr(self, name)}")
+        if self.class_border_lift_margin < 0.0 or self.min_class_count < 1:
+            raise ValueError("class_border_lift_margin must be >= 0, min_class_count >= 1")
+
+
+def image_location_flags(
+    statistics: dict[str, float], options: LocationFlagOptions | None = None
+) -> list[str]:
+    """The location reasons an image is flagged, from its lifts (empty when it is not).
+
+    ``off_object``: ``mask_lift < image_mask_lift_min``; ``on_border``:
+    ``border_lift > image_border_lift_max``. A NaN lift (no mask) gives no verdict.
+
+    Example:
+        >>> image_location_flags({"mask_lift": -0.2, "border_lift": 0.6})
+        ['off_object', 'on_border']
+    """
+    options = options or LocationFlagOptions()
+    reasons = []
+    if _finite(statistics.get("mask_lift")) < options.image_mask_lift_min:
+        reasons.append("off_object")  # NaN compares False
+    if _finite(statistics.get("border_lift")) > options.image_border_lift_max:
+        reasons.append("on_border")
+    return reasons
+
+
+def _finite(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def class_location_flags(
+    per_class_means: dict[int, dict[str, float]], options: LocationFlagOptions | None = None
+) -> dict[int, list[str]]:
+    """Which classes put their maps off the object or on the border, judged on the lifts.
+
+    With ``m_k`` and ``b_k`` class ``k``'s mean ``mask_lift`` and ``border_lift`` (means of
+    the per-image lifts, each image against its own mask's area share):
+
+    - ``off_object``: ``m_k < class_mask_lift_min``. Absolute, not relative to the other
+      classes: how close to chance a map lands does not depend on the object's size, but how
+      far above chance a blurred map can climb does (a thin object's ceiling is lower), so a
+      comparison with other classes' lifts would flag thin objects again;
+    - ``on_border``: ``b_k > class_border_lift_max``, or ``b_k > 0`` and
+      ``b_k - median(b_j, j != k) > class_border_lift_margin``. The band's chance level is the
+      same for every class (one map size), so here the other classes are a fair reference.
+
+    Classes with fewer than ``min_class_count`` images (or a NaN mean) get no verdict; the
+    other classes in the median are those with enough images.
+
+    Args:
+        per_class_means: ``{class: {"count": n, "mask_lift": m, "border_lift": b}}``; a
+            missing or NaN ``mask_lift`` (no masks) gives no ``off_object`` verdict.
+        options: Thresholds; :class:`LocationFlagOptions` defaults when None.
+
+    Returns:
+        ``{class: [reason, ...]}`` for every class, an empty list when not flagged.
+
+    Example:
+        >>> class_location_flags({0: {"count": 9, "mask_lift": 0.8, "border_lift": -0.5},
+        ...                       1: {"count": 9, "mask_lift": 0.7, "border_lift": -0.4},
+        ...                       2: {"count": 9, "mask_lift": 0.1, "border_lift": 0.3}})
+        {0: [], 1: [], 2: ['off_object', 'on_border']}
+    """
+    options = options or LocationFlagOptions()
+    counted = {
+        k: v for k, v in per_class_means.items() if v.get("count", 0) >= options.min_class_count
+    }
+    out: dict[int, list[str]] = {}
+    for target in per_class_means:
+        reasons: list[str] = []
+        out[target] = reasons
+        if target not in counted:
+            continue
+        if _finite(counted[target].get("mask_lift")) < options.class_mask_lift_min:
+            reasons.append("off_object")
+        border = _finite(counted[target].get("border_lift"))
+        peers = [_finite(v.get("border_lift")) for k, v in counted.items() if k != target]
+        peers = [p for p in peers if math.isfinite(p)]
+        relative = (
+            bool(peers)
+            and border > 0.0
+            and border - float(np.median(peers)) > options.class_border_lift_margin
+        )
+        if border > options.class_border_lift_max or relative:
+            reasons.append("on_border")
+    return out

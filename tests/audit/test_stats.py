@@ -110,12 +110,17 @@ def _reference_statistics(saliency, mask, options):
     frame = np.ones(s.shape, bool)
     frame[band:-band, band:-band] = False
     peak = np.unravel_index(np.argmax(s), s.shape)
+    border_energy = salient[frame].sum() / salient.sum()
+    mask_energy = salient[mask].sum() / salient.sum()
     return {
         "concentration": np.sort(s.ravel())[-k:].sum() / s.sum(),
         "entropy": -(p * np.log(p)).sum() / math.log(s.size),
-        "border_energy": salient[frame].sum() / salient.sum(),
-        "mask_energy": salient[mask].sum() / salient.sum(),
+        "border_energy": border_energy,
+        "mask_energy": mask_energy,
         "pointing_hit": float(stats.dilate(mask, options.pointing_tolerance)[peak]),
+        # Lift over chance: chance is the region's area share at the map's resolution.
+        "border_lift": (border_energy - frame.mean()) / (1 - frame.mean()),
+        "mask_lift": (mask_energy - mask.mean()) / (1 - mask.mean()),
     }
 
 
@@ -138,3 +143,131 @@ def test_statistics_equal_the_obvious_formulas_on_random_maps(seed):
         assert result[name] == pytest.approx(expected[name], rel=1e-12, abs=1e-15), name
     quantile = stats._quantile(saliency[np.isfinite(saliency)], options.floor_quantile)
     assert quantile == np.quantile(saliency[np.isfinite(saliency)], options.floor_quantile)
+
+
+# -- chance levels, lifts and the location flags ---------------------------------------------
+
+
+@pytest.mark.parametrize("floor_quantile", [0.0, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize("shape", [(20, 20), (17, 31)])
+def test_a_uniform_map_scores_exactly_the_chance_level(floor_quantile, shape):
+    rng = np.random.default_rng(1)
+    mask = rng.uniform(size=shape) > 0.9
+    options = stats.StatisticsOptions(floor_quantile=floor_quantile)
+    chance = stats.chance_levels(shape, mask, options.border_fraction)
+    assert chance["mask_energy"] == mask.mean()
+    assert chance["border_energy"] == stats.border_band(shape, options.border_fraction).mean()
+    for constant in (np.full(shape, 0.37), np.zeros(shape)):  # zeros: no mass, read as uniform
+        result = stats.image_statistics(constant, mask, options)
+        assert result["mask_energy"] == pytest.approx(chance["mask_energy"], abs=1e-15)
+        assert result["border_energy"] == pytest.approx(chance["border_energy"], abs=1e-15)
+        assert result["mask_lift"] == pytest.approx(0.0, abs=1e-15)
+        assert result["border_lift"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_noise_maps_score_the_chance_level_on_average():
+    rng = np.random.default_rng(2)
+    mask = np.zeros((32, 32), bool)
+    mask[10:14, 3:30] = True  # 108 / 1024 of the area
+    results = [stats.image_statistics(rng.uniform(size=(32, 32)), mask) for _ in range(400)]
+    chance = stats.chance_levels((32, 32), mask)
+    for name in ("mask_energy", "border_energy"):
+        values = np.array([r[name] for r in results])
+        standard_error = values.std() / math.sqrt(len(values))
+        assert abs(values.mean() - chance[name]) < 4 * standard_error, name
+    assert abs(np.mean([r["mask_lift"] for r in results])) < 0.02
+
+
+def test_a_saturated_plateau_is_the_salient_part():
+    # 30% of the map saturated at 1 (more than the 20% above the 0.8 quantile): s - q is zero
+    # everywhere, and the plateau, not the whole map, is where the map looks.
+    saliency = np.full((10, 10), 0.2)
+    saliency[:3, :] = 1.0
+    mask = saliency == 1.0
+    result = stats.image_statistics(saliency, mask)
+    assert result["mask_energy"] == 1.0 and result["mask_lift"] == 1.0
+    np.testing.assert_array_equal(stats.salient_part(saliency), mask.astype(float))
+
+
+def test_lift_formula_and_its_edges():
+    assert stats.lift(0.25, 0.25) == 0.0
+    assert stats.lift(1.0, 0.05) == 1.0
+    assert stats.lift(0.0, 0.2) == pytest.approx(-0.25)  # -c / (1 - c)
+    assert stats.lift(0.6, 0.2) == pytest.approx(0.5)
+    assert math.isnan(stats.lift(0.5, 1.0)) and math.isnan(stats.lift(math.nan, 0.3))
+    assert math.isnan(stats.image_statistics(np.ones((8, 8)))["mask_lift"])  # no mask
+    with pytest.raises(ValueError, match="mask shape"):
+        stats.chance_levels((8, 8), np.ones((4, 4), bool))
+
+
+def test_image_location_flags_read_the_lifts():
+    assert stats.image_location_flags({"mask_lift": 0.05, "border_lift": 0.3}) == [
+        "off_object", "on_border"]
+    assert stats.image_location_flags({"mask_lift": 0.5, "border_lift": -0.2}) == []
+    assert stats.image_location_flags({"mask_lift": math.nan, "border_lift": 0.0}) == []
+
+
+def _blur(array, sigma):
+    radius = int(3 * sigma) + 1
+    kernel = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+    kernel /= kernel.sum()
+    for axis in (0, 1):
+        padded = np.pad(array, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)],
+                        mode="edge")
+        array = np.apply_along_axis(np.convolve, axis, padded, kernel, "valid")
+    return array
+
+
+def _fullgrad_like(target, rng):
+    """A blurred map of ``target`` on a broad floor with noise, min-max normalised."""
+    size = target.shape[0]
+    saliency = _blur(target.astype(float), 1.5)
+    saliency = saliency / saliency.max() + 0.3 * _blur(rng.uniform(size=(size, size)), 6.0)
+    saliency += 0.1 * rng.uniform(size=(size, size))
+    return (saliency - saliency.min()) / (saliency.max() - saliency.min())
+
+
+def _synthetic_class(kind, rng, n=12, size=32):
+    """Per-image statistics of one class: ``square`` objects (about 20% of the area) with the
+    map on them, ``thin`` objects (a 2 x 26 bar: 5%) with the map on them, or ``corner``
+    (square objects, the map mostly on a 5 x 5 mark in the top-left corner)."""
+    rows = []
+    for _ in range(n):
+        mask = np.zeros((size, size), bool)
+        if kind == "thin":
+            x, y = rng.integers(6, size - 8), rng.integers(3, 6)
+            mask[y : y + 26, x : x + 2] = True
+        else:
+            side = rng.integers(12, 18)
+            y, x = rng.integers(4, size - 4 - side, 2)
+            mask[y : y + side, x : x + side] = True
+        target = mask.astype(float)
+        if kind == "corner":
+            target = 0.1 * target
+            target[:5, :5] = 1.0
+        rows.append(stats.image_statistics(_fullgrad_like(target, rng), mask))
+    return rows
+
+
+def _means(rows):
+    return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]} | {
+        "count": len(rows)}
+
+
+def test_class_flags_on_the_lift_spare_thin_objects_and_catch_a_corner_mark():
+    rng = np.random.default_rng(3)
+    kinds = {0: "square", 1: "square", 2: "square", 3: "thin", 4: "corner"}
+    means = {k: _means(_synthetic_class(kind, rng)) for k, kind in kinds.items()}
+    assert means[3]["mask_energy"] == pytest.approx(0.5, abs=0.15)  # thin: 5% of the area
+    # The raw rule (mask energy below 0.7 x the other classes' median) flags the thin class:
+    # this is the false positive of issue 13.
+    raw_peers = np.median([means[k]["mask_energy"] for k in (0, 1, 2, 4)])
+    assert means[3]["mask_energy"] < 0.7 * raw_peers
+    flags = stats.class_location_flags(means)
+    assert flags == {0: [], 1: [], 2: [], 3: [], 4: ["off_object", "on_border"]}
+    # Without masks the corner class is still flagged, on the border alone.
+    no_masks = {k: {**v, "mask_lift": math.nan} for k, v in means.items()}
+    assert stats.class_location_flags(no_masks)[4] == ["on_border"]
+    # Too few images: no verdict.
+    small = {**means, 4: {**means[4], "count": 4}}
+    assert stats.class_location_flags(small)[4] == []
