@@ -34,7 +34,10 @@ def make_record(index: int, rng: np.random.Generator, with_mask: bool) -> dict:
         "mask_energy": 0.6 if with_mask else math.nan,
         "pointing_hit": 1.0 if with_mask else math.nan,
         "mask_area": float(mask.mean()) if with_mask else math.nan,
+        "border_lift": -0.05,
+        "mask_lift": 0.4 if with_mask else math.nan,
     }
+    assert set(record.STATISTIC_COLUMNS) <= set(values)
     return values
 
 
@@ -77,7 +80,7 @@ def test_arrow_round_trip(records, dtype, atol):
     table = record.to_table(records, record.schema(12, dtype))
     assert table.schema.field("map").type.value_type == pa.type_for_alias(dtype)
     # Non-finite statistics are stored as nulls, not NaN.
-    assert table.column("mask_energy").null_count == 1
+    assert table.column("mask_energy").null_count == table.column("mask_lift").null_count == 1
     back = list(record.from_table(table))
     assert len(back) == len(records)
     for restored, original in zip(back, records, strict=True):
@@ -96,7 +99,7 @@ def test_example_leaves_null_fields_out(records):
 
     no_mask = example_pb2.Example.FromString(record.to_example(records[2], "float16"))
     keys = set(no_mask.features.feature)
-    assert {"mask", "mask_energy", "pointing_hit", "mask_area"}.isdisjoint(keys)
+    assert {"mask", "mask_energy", "pointing_hit", "mask_area", "mask_lift"}.isdisjoint(keys)
     assert {"id", "map", "map/shape", "map/dtype", "thumbnail", "concentration"} <= keys
     unlabelled = example_pb2.Example.FromString(record.to_example(records[1], "float16"))
     assert "label" not in unlabelled.features.feature
