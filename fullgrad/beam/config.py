@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any
 
 from fullgrad.images import DEFAULT_MAX_PIXELS, PREPROCESS_MODES
+from fullgrad.methods import PRECISIONS
 from fullgrad.record import MAP_DTYPES
 
 __all__ = [
@@ -228,6 +229,11 @@ class JobConfig:
     )
     large_model: bool = _setting(
         False, help="share one model across a machine's processes", group="model"
+    )
+    precision: str = _setting(
+        "float32", help="the Keras dtype policy the model runs under (gradients and sums stay "
+        "float32); mixed precision is the speed setting on GPUs", group="model",
+        choices=PRECISIONS,
     )
     logits_layer: str | None = _setting(
         None, help="the layer whose output is the class logits (default: found through the "

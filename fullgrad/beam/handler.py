@@ -64,6 +64,7 @@ class LoadedExplainer:
         top_k: How many top predictions to return per image.
         safe_mode: Keras' safe_mode.
         logits_layer: The layer whose output is the logits; found through the head when None.
+        precision: The Keras dtype policy of ``fullgrad.FullGrad(precision=...)``.
 
     Example:
         >>> explainer = LoadedExplainer("model.keras", image_size=32)
@@ -79,13 +80,14 @@ class LoadedExplainer:
         top_k: int = 5,
         safe_mode: bool = True,
         logits_layer: str | None = None,
+        precision: str = "float32",
     ) -> None:
         _enable_gpu_memory_growth()
         import fullgrad
 
         model = fullgrad.load_model(model_path, safe_mode=safe_mode)
         options = {"logits_layer": logits_layer} if logits_layer else {}
-        self.engine = fullgrad.FullGrad(model, **options)
+        self.engine = fullgrad.FullGrad(model, precision=precision, **options)
         self.num_classes = int(model.outputs[0].shape[-1])
         self.top_k = max(1, min(int(top_k), self.num_classes))
         # Trace now, on one dummy image: the signature has a free batch dimension, so no batch
@@ -125,6 +127,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         model_path: The ``.keras`` / ``.h5`` classifier, local or ``gs://`` / ``s3://``.
         image_size: The side of the (square) preprocessed images.
         logits_layer: The layer whose output is the logits; found through the head when None.
+        precision: The Keras dtype policy the model runs under (``fullgrad.FullGrad``).
         top_k: Top predictions kept per image.
         safe_mode: Keras' safe_mode when loading.
         min_batch_size: Smallest batch ``BatchElements`` forms.
@@ -145,6 +148,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         image_size: int,
         *,
         logits_layer: str | None = None,
+        precision: str = "float32",
         top_k: int = 5,
         safe_mode: bool = True,
         min_batch_size: int | None = None,
@@ -163,6 +167,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         self.model_path = model_path
         self.image_size = int(image_size)
         self.logits_layer = logits_layer
+        self.precision = precision
         self.top_k = int(top_k)
         self.safe_mode = safe_mode
         # RunInference counts inferences (num_inferences) and times batches
@@ -180,6 +185,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
             top_k=self.top_k,
             safe_mode=self.safe_mode,
             logits_layer=self.logits_layer,
+            precision=self.precision,
         )
         # DoFn.setup (where RunInference loads) has no metrics context: counted at first use.
         self._unreported_loads += 1

@@ -263,6 +263,7 @@ def handler_for(config: JobConfig) -> FullGradModelHandler:
         config.model,
         config.image_size,
         logits_layer=config.logits_layer,
+        precision=config.precision,
         top_k=config.top_k,
         safe_mode=config.safe_mode,
         min_batch_size=config.min_batch_size or config.batch_size,
