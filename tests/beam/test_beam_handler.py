@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 from apache_beam.ml.inference.base import PredictionResult
@@ -227,3 +229,34 @@ def test_decode_ahead_keeps_order_windows_and_dead_letters():
             assert value.value["id"] == want["id"]
             np.testing.assert_array_equal(value.value["image"], want["image"])
             np.testing.assert_array_equal(value.value["thumbnail"], want["thumbnail"])
+
+
+def test_gpu_memory_growth_is_set_for_every_gpu(model_path, monkeypatch):
+    """The handler asks TF for memory growth on each GPU, both ways it can.
+
+    No GPU exists here, so the GPU list is a stand-in (two ``PhysicalDevice`` records, TF's own
+    type) and ``set_memory_growth``, which refuses devices TF does not know, is recorded instead
+    of called. Everything else (Beam's env-var hook, the model load) is real.
+    """
+    import tensorflow as tf
+
+    handler = FullGradModelHandler(model_path, SIZE)
+    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
+    handler.set_environment_vars()  # what RunInference does in setup, before loading
+    assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+
+    gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
+    real_list = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: gpus if kind == "GPU" else real_list(kind))
+    calls = []
+
+    def set_memory_growth(device, enable):
+        calls.append((device.name, enable))
+        if device is gpus[0]:  # what TF raises once that GPU was initialised: not fatal
+            raise RuntimeError("Physical devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", set_memory_growth)
+    explainer = handler.load_model()
+    assert calls == [(gpus[0].name, True), (gpus[1].name, True)]
+    assert explainer.num_classes == 5  # the load went on after the refused first GPU
