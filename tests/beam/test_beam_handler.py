@@ -96,12 +96,11 @@ class FailOnDarkImages(keras.layers.Layer):
 
 
 def test_a_model_failing_on_one_image_costs_only_that_image_in_the_job(tmp_path):
-    from beamdata import encode, good_rows, read_output, write_parquet
+    from beamdata import encode, good_rows, read_output, stored_maps, write_parquet
     from PIL import Image
 
     from fullgrad.beam import job
     from fullgrad.beam.config import JobConfig
-    from fullgrad.beam.io import read_maps
     from fullgrad.images import decode_image, preprocess
 
     keras.utils.set_random_seed(1)
@@ -139,7 +138,7 @@ def test_a_model_failing_on_one_image_costs_only_that_image_in_the_job(tmp_path)
         "unit",
     )
     expected = ke.FullGrad(model).compute(images)
-    np.testing.assert_allclose(read_maps(maps), expected.maps[..., 0], atol=1e-5)
+    np.testing.assert_allclose(stored_maps(maps), expected.maps[..., 0], atol=1e-5)
     np.testing.assert_allclose(maps.column("logit").to_numpy(), expected.logits[:, 0], rtol=1e-5)
 
 

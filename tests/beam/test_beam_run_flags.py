@@ -21,11 +21,18 @@ import sys
 import keras
 import numpy as np
 import pytest
-from beamdata import SIZE, encode, good_rows, random_image, read_output, write_parquet
+from beamdata import (
+    SIZE,
+    encode,
+    good_rows,
+    random_image,
+    read_output,
+    stored_maps,
+    write_parquet,
+)
 from PIL import Image
 
 from fullgrad import cli
-from fullgrad.beam.io import read_maps
 from fullgrad.images import decode_image
 
 MAX_PIXELS = 2000  # the rows' images are 40 x 44 = 1760 pixels; "too-big" is 54 x 50
@@ -179,7 +186,7 @@ def test_every_tfrecord_key_equals_the_parquet_row(cli_run):
     tmp, _, _, _ = cli_run
     maps, _ = read_output(str(tmp / "out"))
     rows = {row["id"]: row for row in maps.to_pylist()}
-    stored = dict(zip(maps.column("id").to_pylist(), read_maps(maps), strict=True))
+    stored = dict(zip(maps.column("id").to_pylist(), stored_maps(maps), strict=True))
     paths = sorted(glob.glob(str(tmp / "out" / "maps-*.tfrecord")))
     examples = [tf.train.Example.FromString(raw.numpy())
                 for raw in tf.data.TFRecordDataset(paths)]
