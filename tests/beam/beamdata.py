@@ -109,3 +109,14 @@ def read_output(folder: str) -> tuple[pa.Table, pa.Table]:
         [pq.read_table(p) for p in sorted(glob.glob(os.path.join(folder, "dead_letter-*.parquet")))]
     )
     return maps.sort_by("id"), dead.sort_by("id")
+
+
+def stored_maps(table: pa.Table) -> np.ndarray:
+    """The ``map`` column as float32 ``[N, h, w]`` in [0, 1], read as the file format says.
+
+    The column is an Arrow ``fixed_shape_tensor``; ``fullgrad.map_scale`` in the schema's
+    metadata undoes uint8 storage. Read here, not with the package's reader, so a test of the
+    written files does not depend on where that reader lives.
+    """
+    scale = float((table.schema.metadata or {}).get(b"fullgrad.map_scale", b"1"))
+    return table.column("map").combine_chunks().to_numpy_ndarray().astype(np.float32) / scale

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 from apache_beam.ml.inference.base import PredictionResult
@@ -74,15 +76,70 @@ def test_the_cli_dispatches_run_and_reports_a_bad_model(tmp_path, capsys):
     assert "model file not found" in capsys.readouterr().err
 
 
-def test_runinference_batch_failures_become_one_dead_letter_per_image():
-    from fullgrad.beam.transforms import _batch_failures
+@keras.saving.register_keras_serializable(package="fullgrad_tests")
+class FailOnDarkImages(keras.layers.Layer):
+    """Passes its input through, but the model run fails for a batch holding an almost black
+    image (mean in (0, 0.01]), as a real model fails at run time (a TF op raising).
 
-    batch = requests(2, [-1, -1])
-    failure = (batch, (MemoryError, "MemoryError('OOM')", ["traceback"]))
-    assert list(_batch_failures(failure)) == [
-        {"id": "r0", "stage": "explain", "error": "MemoryError: MemoryError('OOM')"},
-        {"id": "r1", "stage": "explain", "error": "MemoryError: MemoryError('OOM')"},
-    ]
+    An all-zero image passes, so the handler's load-time warm-up on a blank image works.
+    """
+
+    def call(self, x):
+        import tensorflow as tf
+
+        mean = tf.reduce_mean(x, axis=[1, 2, 3])
+        check = tf.debugging.Assert(
+            tf.reduce_all(tf.logical_or(mean == 0.0, mean > 0.01)), ["an almost black image"]
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(x)
+
+
+def test_a_model_failing_on_one_image_costs_only_that_image_in_the_job(tmp_path):
+    from beamdata import encode, good_rows, read_output, stored_maps, write_parquet
+    from PIL import Image
+
+    from fullgrad.beam import job
+    from fullgrad.beam.config import JobConfig
+    from fullgrad.images import decode_image, preprocess
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input([SIZE, SIZE, 3])
+    x = FailOnDarkImages()(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    model.save(str(tmp_path / "fails.keras"))
+    rows = good_rows(6, with_mask=False)
+    rows[1] = {**rows[1], "id": "dark", "image": encode(Image.fromarray(
+        np.ones([SIZE, SIZE, 3], np.uint8)))}  # 1/255 after "unit": mean 0.004
+    (tmp_path / "in").mkdir()
+    write_parquet(str(tmp_path / "in" / "a.parquet"), rows)
+    summary = job.run(JobConfig(
+        input=str(tmp_path / "in" / "*.parquet"), model=str(tmp_path / "fails.keras"),
+        output=str(tmp_path / "out"), image_size=SIZE, preprocess="unit", batch_size=3,
+        map_dtype="float32", decode_threads=0,
+    ))
+    assert (summary["input"], summary["explained"], summary["failed"]) == (6, 5, 1)
+    assert summary["failed_by_stage"] == {"explain": 1}
+    sizes = summary["metrics"]["inference_request_batch_size"]
+    assert sizes["min"] == sizes["max"] == 3  # so the dark image had two batch-mates
+    maps, dead = read_output(str(tmp_path / "out"))
+    (letter,) = dead.to_pylist()
+    assert letter["id"] == "dark" and letter["stage"] == "explain"
+    assert letter["error"].startswith("InvalidArgumentError")
+    assert "an almost black image" in letter["error"]
+    # Its batch-mates (batches of 3: the dark image shares one with two others) are explained,
+    # with the maps the engine gives for them.
+    mates = [row for row in rows if row["id"] != "dark"]
+    assert maps.column("id").to_pylist() == [row["id"] for row in mates]
+    images = preprocess(
+        np.stack([decode_image(row["image"], (SIZE, SIZE)) for row in mates]).astype(np.float32),
+        "unit",
+    )
+    expected = ke.FullGrad(model).compute(images)
+    np.testing.assert_allclose(stored_maps(maps), expected.maps[..., 0], atol=1e-5)
+    np.testing.assert_allclose(maps.column("logit").to_numpy(), expected.logits[:, 0], rtol=1e-5)
 
 
 def test_pixel_columns_read_as_arrays_from_tensor_and_nested_list_types():
@@ -171,3 +228,34 @@ def test_decode_ahead_keeps_order_windows_and_dead_letters():
             assert value.value["id"] == want["id"]
             np.testing.assert_array_equal(value.value["image"], want["image"])
             np.testing.assert_array_equal(value.value["thumbnail"], want["thumbnail"])
+
+
+def test_gpu_memory_growth_is_set_for_every_gpu(model_path, monkeypatch):
+    """The handler asks TF for memory growth on each GPU, both ways it can.
+
+    No GPU exists here, so the GPU list is a stand-in (two ``PhysicalDevice`` records, TF's own
+    type) and ``set_memory_growth``, which refuses devices TF does not know, is recorded instead
+    of called. Everything else (Beam's env-var hook, the model load) is real.
+    """
+    import tensorflow as tf
+
+    handler = FullGradModelHandler(model_path, SIZE)
+    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
+    handler.set_environment_vars()  # what RunInference does in setup, before loading
+    assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+
+    gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
+    real_list = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: gpus if kind == "GPU" else real_list(kind))
+    calls = []
+
+    def set_memory_growth(device, enable):
+        calls.append((device.name, enable))
+        if device is gpus[0]:  # what TF raises once that GPU was initialised: not fatal
+            raise RuntimeError("Physical devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", set_memory_growth)
+    explainer = handler.load_model()
+    assert calls == [(gpus[0].name, True), (gpus[1].name, True)]
+    assert explainer.num_classes == 5  # the load went on after the refused first GPU

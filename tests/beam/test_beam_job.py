@@ -396,6 +396,11 @@ def test_reruns_refuse_or_replace_but_never_mix(tmp_path, model_path):
         job.run(first)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
 
+    # Earlier outputs under names the 1-shard rerun never writes: --overwrite must remove them.
+    stale = ["maps-00007-of-00009.parquet", "dead_letter-00003-of-00004.parquet",
+             "maps-00002-of-00003.tfrecord", "audit.json"]
+    for name in stale:
+        (tmp_path / "out" / name).write_bytes(b"stale")
     os.remove(tmp_path / "in" / "first.parquet")
     write_parquet(str(tmp_path / "in" / "second.parquet"),
                   [{"key": f"new-{i}", "png": r["image"]} for i, r in enumerate(good_rows(2))])
@@ -407,6 +412,7 @@ def test_reruns_refuse_or_replace_but_never_mix(tmp_path, model_path):
     assert not (tmp_path / "out" / "overlays").exists()  # the first run's overlays are gone
     assert not (tmp_path / "out" / "report.html").exists()  # and its audit report
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # not ours: kept
+    assert not [name for name in stale if (tmp_path / "out" / name).exists()]
 
 
 def test_a_crashed_runs_temporary_folder_is_refused_then_removed(tmp_path, model_path):

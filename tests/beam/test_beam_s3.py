@@ -35,9 +35,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """``(boto3 client, Beam flags)`` for a bucket on a local S3 server."""
+    """``(boto3 client, Beam flags, request log)`` for a bucket on a local S3 server.
+
+    The log is the server's own: one line per HTTP request it answered (method and path).
+    """
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")  # noqa: SIM115
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    log = open(log_path, "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
@@ -57,7 +61,7 @@ def s3(tmp_path_factory):
             time.sleep(0.3)
     flags = ["--s3_endpoint_url", endpoint, "--s3_access_key_id", "test",
              "--s3_secret_access_key", "test", "--s3_region_name", "us-east-1"]
-    yield client, flags
+    yield client, flags, log_path
     server.terminate()
     server.wait(timeout=30)
     log.close()
@@ -66,7 +70,7 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, s3):
     """The same rows (one corrupt) as local Parquet and TFRecord files and as S3 objects."""
-    client, _ = s3
+    client, _, _ = s3
     local = tmp_path_factory.mktemp("local")
     rows = good_rows(6)
     rows[2] = {**rows[2], "image": b"\x89PNG\r\n\x1a\n broken"}
@@ -100,7 +104,7 @@ def _download(client, prefix: str, folder) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["parquet", "tfrecord"])
 def test_a_run_on_s3_equals_the_same_run_on_local_files(s3, files, tmp_path, kind):
-    client, flags = s3
+    client, flags, _ = s3
     pattern = "part-*.parquet" if kind == "parquet" else "part-*.tfrecord"
     summary = job.run(
         _config(f"s3://{BUCKET}/in/{pattern}", f"s3://{BUCKET}/models/model.keras",
@@ -133,24 +137,55 @@ def test_a_run_on_s3_equals_the_same_run_on_local_files(s3, files, tmp_path, kin
     assert (tmp_path / "audited" / "report.html").stat().st_size > 0
 
 
-def test_a_rerun_on_s3_is_refused_then_replaced_with_overwrite(s3, tmp_path):
-    client, flags = s3
+def _objects(client, prefix: str = "") -> dict[str, tuple]:
+    """``{key: (ETag, LastModified)}`` of every object under ``prefix``."""
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return {item["Key"]: (item["ETag"], item["LastModified"]) for item in listed}
+
+
+#: Earlier outputs under names a 1-shard rerun never writes, and one file that is not the job's.
+STALE = ("maps-00007-of-00009.parquet", "dead_letter-00003-of-00004.parquet",
+         "maps-00002-of-00003.tfrecord", "audit.json")
+
+
+def test_a_rerun_on_s3_is_refused_then_replaced_with_overwrite(s3, files, tmp_path):
+    client, flags, _ = s3
     config = _config(f"s3://{BUCKET}/in/part-0.parquet", f"s3://{BUCKET}/models/model.keras",
                      f"s3://{BUCKET}/rerun")
     assert job.run(config, flags)["explained"] == 3
     with pytest.raises(job.JobError, match="--overwrite"):
         job.run(config, flags)
+    for name in STALE:
+        client.put_object(Bucket=BUCKET, Key=f"rerun/{name}", Body=b"stale")
+    client.put_object(Bucket=BUCKET, Key="rerun/notes.txt", Body=b"mine")
     again = job.run(_config(f"s3://{BUCKET}/in/part-1.parquet",
                             f"s3://{BUCKET}/models/model.keras", f"s3://{BUCKET}/rerun",
                             overwrite=True), flags)
     assert again["explained"] == 2
+    left = set(_objects(client, "rerun/"))
+    assert not {f"rerun/{name}" for name in STALE} & left, sorted(left)
+    assert client.get_object(Bucket=BUCKET, Key="rerun/notes.txt")["Body"].read() == b"mine"
     _download(client, "rerun/", tmp_path / "rerun")
     maps, _ = read_output(str(tmp_path / "rerun"))
     assert maps.column("id").to_pylist() == ["img-0004", "img-0005"]  # nothing of run one
 
 
-def test_a_missing_model_on_s3_fails_before_any_read(s3):
-    _, flags = s3
+def test_a_missing_model_on_s3_fails_before_any_read(s3, files):
+    client, flags, log_path = s3
+    before = _objects(client)
+    assert any(key.startswith("in/") for key in before)  # there is input it could have read
+    offset = log_path.stat().st_size
     with pytest.raises(job.JobError, match="model"):
         job.run(_config(f"s3://{BUCKET}/in/*.parquet", f"s3://{BUCKET}/models/none.keras",
                         f"s3://{BUCKET}/never"), flags)
+    # A request after the job's, waited for in the server's log, so the job's are logged too.
+    client.head_object(Bucket=BUCKET, Key="models/model.keras")
+    deadline = time.monotonic() + 30
+    while "HEAD /fullgrad-test/models/model.keras" not in log_path.read_text()[offset:]:
+        assert time.monotonic() < deadline, "the server did not log the marker request"
+        time.sleep(0.1)
+    requests = [line for line in log_path.read_text()[offset:].splitlines() if "HTTP/1" in line]
+    job_requests = requests[:-1]
+    assert job_requests and all("none.keras" in line for line in job_requests), job_requests
+    assert _objects(client) == before  # nothing written, moved or rewritten
+    assert not _objects(client, "never")
