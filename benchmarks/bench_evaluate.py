@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -32,16 +32,8 @@ import fullgrad as ke
 from fullgrad import baselines, evaluation
 from fullgrad.demo.model import build_model
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_line
 
 
 def make_model(name: str, size: int) -> keras.Model:
@@ -101,7 +93,7 @@ def main() -> None:
             samples[name].append((time.perf_counter() - start) / len(images))
     per_image = {name: statistics.median(times) for name, times in samples.items()}
 
-    print(f"cpu: {cpu_model()} ({os.cpu_count()} cores visible)")
+    print(machine_line())
     print(
         f"model: {args.model} {size}x{size}, {len(images)} images, batch {batch}, "
         f"{args.repeats} repeats (median), blur sigma {curves.sigma_for(size, size)}"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,21 +38,10 @@ import tensorflow as tf
 import fullgrad as ke
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model
 from rss import peak_rss_mb, reset_peak_rss
 
 MEMORY_MODES = ("gradient", "fullgrad")
-
-
-def cpu_model() -> str:
-    """The CPU's "model name" from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_baseline(path: str):
