@@ -17,7 +17,6 @@ import time
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from beamdata import (
@@ -244,16 +243,25 @@ def test_cli_with_an_unreachable_scheduler_fails_fast_and_writes_nothing(
 
 
 def test_cli_flags_select_dask_and_size_the_local_cluster():
+    from fullgrad.beam.dask import DaskSettings, is_dask_runner, runner_flag
+
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
     args, extra = parser.parse_known_args(
         ["--input", "x", "--model", "m", "--output", "o", "--runner", "dask",
-         "--dask-workers", "3", "--dask-threads-per-worker", "2"])
-    from fullgrad.beam.dask import DaskSettings, is_dask_runner, runner_flag
-
-    assert DaskSettings.from_args(args) == DaskSettings(3, 2, "auto")
-    assert is_dask_runner(runner_flag(extra)) and extra == ["--runner", "dask"]
-    assert pa is not None
+         "--dask-workers", "3", "--dask-threads-per-worker", "2",
+         "--dask-memory-limit", "4GiB", "--dask_npartitions", "8"])
+    assert DaskSettings.from_args(args) == DaskSettings(3, 2, "4GiB")
+    # Beam's own Dask flags are not ours: they pass through to the pipeline options.
+    assert extra == ["--runner", "dask", "--dask_npartitions", "8"]
+    assert is_dask_runner(runner_flag(extra))
+    # Without the flags, the local cluster is 2 processes x 1 thread, memory split by Dask.
+    defaults, extra = parser.parse_known_args(
+        ["--input", "x", "--model", "m", "--output", "o", "--runner=DaskRunner"])
+    assert DaskSettings.from_args(defaults) == DaskSettings(2, 1, "auto")
+    assert runner_flag(extra) == "DaskRunner" and is_dask_runner("DaskRunner")
+    assert not is_dask_runner(runner_flag(["--runner", "DirectRunner"]))
+    assert not is_dask_runner(runner_flag([]))
 
 
 def test_when_dask_gives_up_on_a_killed_worker_the_run_fails_and_looks_incomplete(
