@@ -184,18 +184,29 @@ def test_tfrecord_run_equals_the_local_runner_and_loads_the_model_once_per_worke
 
 
 def _kill_a_busy_worker(client, done: threading.Event, killed: list) -> None:
-    """Kills (SIGKILL) the first worker seen running a Beam bundle for 0.3 s."""
+    """Kills (SIGKILL) a worker that the scheduler has had running the same Beam bundle for
+    0.3 s, checked again just before the kill; records the worker, its pid and those bundles."""
     pids = client.run(os.getpid)
     while not done.is_set():
         for worker, keys in client.processing().items():
-            if any("_run_bundle" in str(key) for key in keys):
-                time.sleep(0.3)
-                if done.is_set():
-                    return
+            bundles = {str(key) for key in keys if "_run_bundle" in str(key)}
+            if not bundles:
+                continue
+            time.sleep(0.3)
+            if done.is_set():
+                return
+            still = bundles & {str(key) for key in client.processing().get(worker, ())}
+            if still:
                 os.kill(pids[worker], signal.SIGKILL)
-                killed.append((pids[worker], time.perf_counter()))
+                killed.append({"pid": pids[worker], "worker": worker, "bundles": still,
+                               "at": time.perf_counter()})
                 return
         time.sleep(0.05)
+
+
+def _transitions(dask_scheduler) -> list[tuple[str, str, str, str]]:
+    """The scheduler's transition log as (key, from, to, stimulus id); runs on the scheduler."""
+    return [(str(t.key), t.start, t.finish, t.stimulus_id) for t in dask_scheduler.transition_log]
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(
@@ -211,9 +222,21 @@ def test_a_worker_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(
         finished = time.perf_counter()
         done.set()
         killer.join()
-    assert killed and killed[0][1] < finished, "no worker was killed while the job ran"
+    assert killed and killed[0]["at"] < finished, "no worker was killed while the job ran"
     client.wait_for_workers(2, timeout=120)
-    assert killed[0][0] not in client.run(os.getpid).values()  # the nanny started a new one
+    assert killed[0]["pid"] not in client.run(os.getpid).values()  # the nanny started a new one
+    # The scheduler's own record: a bundle it had on the killed worker went from processing
+    # back to released when that worker's connection dropped, and was then run again to the
+    # end (processing -> memory) on a live worker.
+    log = client.run_on_scheduler(_transitions)
+    lost = {key: index for index, (key, start, finish, stimulus) in enumerate(log)
+            if key in killed[0]["bundles"] and (start, finish) == ("processing", "released")
+            and stimulus.startswith("handle-worker-cleanup")}
+    assert lost, f"no bundle of {killed[0]['bundles']} was lost with worker {killed[0]['worker']}"
+    rerun = [key for key, index in lost.items()
+             if any(k == key and (start, finish) == ("processing", "memory")
+                    for k, start, finish, _ in log[index + 1:])]
+    assert rerun == list(lost), "a lost bundle was not run again to completion"
     # Dask re-ran the lost tasks: the same rows, each exactly once.
     _assert_same_outputs(local, output)
 
