@@ -8,6 +8,15 @@
    the maps, ``audit.json`` and ``report.html`` into the output folder;
 4. prints the per-class mask energies, the flagged classes and where the report is.
 
+Reproducibility: the data and the training are seeded, so on one machine the same command gives
+the same model bit for bit, and the same accuracy, maps and audit (``tests/demo`` checks it).
+Across machines the trained weights, and so the figures, differ: TensorFlow's oneDNN kernels
+are chosen by the CPU's instruction set (AVX2, AVX-512, AMX) and the number of threads changes
+the order of float sums. TensorFlow's op determinism removes neither (it changes which kernels
+run, not their dependence on the CPU), so the demo leaves it off. The planted class was flagged
+with oneDNN's AVX-512/AMX kernels and with oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``),
+at held-out accuracies 0.910 and 0.955.
+
 Example:
     $ fullgrad demo --output demo-output
     $ fullgrad demo --output control --shortcut-fraction 0     # the control: nothing planted

@@ -62,3 +62,22 @@ def test_empty_audit_still_writes(tmp_path):
     data = json.loads(Path(paths["json"]).read_text())
     assert data["images"] == 0 and data["flagged_classes"] == [] and data["classes"] == {}
     assert "No class is flagged" in Path(paths["html"]).read_text()
+
+
+def test_class_names_are_escaped_wherever_the_page_shows_them(tmp_path):
+    """Class names come from the user (``--class-names``): the page shows them as text."""
+    hostile = "<script>alert(1)</script>"
+    records = planted_records(40, off_class=0, seed=5)  # the hostile name is the flagged class
+    settings = AuditSettings(examples=2, class_names=(hostile, "a&b", "fox", "owl"))
+    audit = run_audit(records, settings)
+    assert audit["flagged_classes"] == ["0"]
+    page = Path(write_audit(audit, str(tmp_path))["html"]).read_text()
+
+    assert "<script" not in page.lower()
+    assert "a&b" not in page
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    # In the class table, the flagged-classes verdict and the galleries' captions.
+    assert f"<td>0 ({escaped})</td>" in page
+    assert f"<b>0 ({escaped})</b>" in page
+    assert f"explained class 0 ({escaped})" in page
+    assert "<td>1 (a&amp;b)</td>" in page

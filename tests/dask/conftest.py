@@ -23,8 +23,15 @@ WORKERS = 2
 
 @pytest.fixture(scope="session")
 def cluster():
-    """A LocalCluster of 2 worker processes x 1 thread on 127.0.0.1."""
-    with local_cluster(workers=WORKERS, threads_per_worker=1) as info:
+    """A LocalCluster of 2 worker processes x 1 thread on 127.0.0.1.
+
+    Its scheduler (in this process) keeps a transition log long enough for a whole session,
+    so a test can read what happened to its tasks (Dask keeps the last 1000 by default).
+    """
+    import dask
+
+    with dask.config.set({"distributed.admin.low-level-log-length": 1_000_000}), \
+            local_cluster(workers=WORKERS, threads_per_worker=1) as info:
         yield info
 
 

@@ -17,7 +17,6 @@ import time
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from beamdata import (
@@ -187,18 +186,29 @@ def test_tfrecord_run_equals_the_local_runner_and_loads_the_model_once_per_worke
 
 
 def _kill_a_busy_worker(client, done: threading.Event, killed: list) -> None:
-    """Kills (SIGKILL) the first worker seen running a Beam bundle for 0.3 s."""
+    """Kills (SIGKILL) a worker that the scheduler has had running the same Beam bundle for
+    0.3 s, checked again just before the kill; records the worker, its pid and those bundles."""
     pids = client.run(os.getpid)
     while not done.is_set():
         for worker, keys in client.processing().items():
-            if any("_run_bundle" in str(key) for key in keys):
-                time.sleep(0.3)
-                if done.is_set():
-                    return
+            bundles = {str(key) for key in keys if "_run_bundle" in str(key)}
+            if not bundles:
+                continue
+            time.sleep(0.3)
+            if done.is_set():
+                return
+            still = bundles & {str(key) for key in client.processing().get(worker, ())}
+            if still:
                 os.kill(pids[worker], signal.SIGKILL)
-                killed.append((pids[worker], time.perf_counter()))
+                killed.append({"pid": pids[worker], "worker": worker, "bundles": still,
+                               "at": time.perf_counter()})
                 return
         time.sleep(0.05)
+
+
+def _transitions(dask_scheduler) -> list[tuple[str, str, str, str]]:
+    """The scheduler's transition log as (key, from, to, stimulus id); runs on the scheduler."""
+    return [(str(t.key), t.start, t.finish, t.stimulus_id) for t in dask_scheduler.transition_log]
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(
@@ -214,9 +224,21 @@ def test_a_worker_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(
         finished = time.perf_counter()
         done.set()
         killer.join()
-    assert killed and killed[0][1] < finished, "no worker was killed while the job ran"
+    assert killed and killed[0]["at"] < finished, "no worker was killed while the job ran"
     client.wait_for_workers(2, timeout=120)
-    assert killed[0][0] not in client.run(os.getpid).values()  # the nanny started a new one
+    assert killed[0]["pid"] not in client.run(os.getpid).values()  # the nanny started a new one
+    # The scheduler's own record: a bundle it had on the killed worker went from processing
+    # back to released when that worker's connection dropped, and was then run again to the
+    # end (processing -> memory) on a live worker.
+    log = client.run_on_scheduler(_transitions)
+    lost = {key: index for index, (key, start, finish, stimulus) in enumerate(log)
+            if key in killed[0]["bundles"] and (start, finish) == ("processing", "released")
+            and stimulus.startswith("handle-worker-cleanup")}
+    assert lost, f"no bundle of {killed[0]['bundles']} was lost with worker {killed[0]['worker']}"
+    rerun = [key for key, index in lost.items()
+             if any(k == key and (start, finish) == ("processing", "memory")
+                    for k, start, finish, _ in log[index + 1:])]
+    assert rerun == list(lost), "a lost bundle was not run again to completion"
     # Dask re-ran the lost tasks: the same rows, each exactly once.
     _assert_same_outputs(local, output)
 
@@ -246,16 +268,25 @@ def test_cli_with_an_unreachable_scheduler_fails_fast_and_writes_nothing(
 
 
 def test_cli_flags_select_dask_and_size_the_local_cluster():
+    from fullgrad.beam.dask import DaskSettings, is_dask_runner, runner_flag
+
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
     args, extra = parser.parse_known_args(
         ["--input", "x", "--model", "m", "--output", "o", "--runner", "dask",
-         "--dask-workers", "3", "--dask-threads-per-worker", "2"])
-    from fullgrad.beam.dask import DaskSettings, is_dask_runner, runner_flag
-
-    assert DaskSettings.from_args(args) == DaskSettings(3, 2, "auto")
-    assert is_dask_runner(runner_flag(extra)) and extra == ["--runner", "dask"]
-    assert pa is not None
+         "--dask-workers", "3", "--dask-threads-per-worker", "2",
+         "--dask-memory-limit", "4GiB", "--dask_npartitions", "8"])
+    assert DaskSettings.from_args(args) == DaskSettings(3, 2, "4GiB")
+    # Beam's own Dask flags are not ours: they pass through to the pipeline options.
+    assert extra == ["--runner", "dask", "--dask_npartitions", "8"]
+    assert is_dask_runner(runner_flag(extra))
+    # Without the flags, the local cluster is 2 processes x 1 thread, memory split by Dask.
+    defaults, extra = parser.parse_known_args(
+        ["--input", "x", "--model", "m", "--output", "o", "--runner=DaskRunner"])
+    assert DaskSettings.from_args(defaults) == DaskSettings(2, 1, "auto")
+    assert runner_flag(extra) == "DaskRunner" and is_dask_runner("DaskRunner")
+    assert not is_dask_runner(runner_flag(["--runner", "DirectRunner"]))
+    assert not is_dask_runner(runner_flag([]))
 
 
 def test_when_dask_gives_up_on_a_killed_worker_the_run_fails_and_looks_incomplete(

@@ -224,3 +224,38 @@ def test_default_pipeline_is_compiled_and_equals_the_committed_yaml(server, monk
     assert schedule(server, "--interval", "86400", "--experiment", "e", *params) == 0
     (upload,) = server.calls("POST", "/pipelines/upload")
     assert upload.files["uploadfile"] == PIPELINE.read_bytes()
+
+
+def test_list_without_experiment_lists_this_pipelines_schedules_in_every_experiment(
+    server, capsys
+):
+    params = [arg for p in PARAMS[:2] for arg in ("--param", p)]
+    for experiment, cron in (("e1", "0 0 1 * * *"), ("e2", "0 0 2 * * *"), ("e1", "0 0 3 * * *")):
+        assert schedule(server, "--cron", cron, "--experiment", experiment,
+                        "--name", f"{experiment} at {cron}", "--pipeline", str(PIPELINE),
+                        *params) == 0  # fmt: skip
+    server.recurring_runs["someone-elses"] = {
+        "recurring_run_id": "someone-elses",
+        "display_name": "other team",
+        "experiment_id": next(iter(server.experiments)),
+        "pipeline_version_reference": {"pipeline_id": "other", "pipeline_version_id": "v"},
+        "trigger": {"cron_schedule": {"cron": "0 0 4 * * *"}},
+        "status": "ENABLED",
+    }
+    capsys.readouterr()
+    before = len(server.calls("GET", "/recurringruns"))
+
+    assert schedule(server, "--list", "--pipeline", str(PIPELINE)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sorted(line.split("\t")[1] for line in lines) == [
+        "e1 at 0 0 1 * * *",
+        "e1 at 0 0 3 * * *",
+        "e2 at 0 0 2 * * *",
+    ]
+    listing = server.calls("GET", "/recurringruns")[before:]
+    assert len(listing) == 2  # four runs, two per page: the client followed the token
+    assert all("experiment_id" not in request.query for request in listing)
+
+    assert schedule(server, "--list", "--experiment", "e2", "--pipeline", str(PIPELINE)) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.split("\t")[1:3] == ["e2 at 0 0 2 * * *", "cron '0 0 2 * * *'"]
