@@ -163,7 +163,11 @@ def config_with_flags(
 
 def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
     """Runs ``fullgrad run``; returns 0, or 2 with a one-line error for a bad setup."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force: checking the flags imported Beam modules whose import-time warnings already gave
+    # the root logger a WARNING-level handler, which would hide the job's progress lines.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
     for noisy in ("apache_beam", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -358,7 +358,7 @@ def _wide_model(path: str) -> str:
     [
         (lambda tmp: str(tmp / "missing.keras"), "model file not found"),
         (lambda tmp: _unsafe_model(str(tmp / "lambda.keras")), "safe_mode"),
-        (lambda tmp: _wide_model(str(tmp / "wide.keras")), "takes inputs of shape (64, 64, 3)"),
+        (lambda tmp: _wide_model(str(tmp / "wide.keras")), "takes 64x64 images, but the job resizes to 32x32: set --image-size 64"),
     ],
     ids=["missing", "unsafe", "wrong-input-shape"],
 )
