@@ -35,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fullgrad import baselines, inspection
+from fullgrad import baselines, evaluation, inspection
 from fullgrad.methods import FullGrad, FullGradResult
 from fullgrad.targets import TARGET_PREDICTED
 
@@ -46,6 +46,7 @@ __all__ = [
     "MAP_KINDS",
     "BaselineExplainer",
     "SmoothFullGrad",
+    "evaluation_methods",
     "explainer_for",
     "expose_for",
 ]
@@ -270,3 +271,51 @@ def explainer_for(
     if kind == "simple":
         return FullGrad(model, variant="simple")
     return BaselineExplainer(model, kind)
+
+
+def evaluation_methods(
+    model: keras.Model,
+    *,
+    smooth_samples: int = DEFAULT_SMOOTH_SAMPLES,
+    smooth_noise: float = DEFAULT_SMOOTH_NOISE,
+    seed: int = 0,
+    logits_layer: str | None = None,
+) -> dict[str, evaluation.MapFunction]:
+    """Every map kind and the two random controls, as ``fullgrad.evaluation`` methods.
+
+    What ``fullgrad run --evaluate`` compares: ``MAP_KINDS`` (the smooth variant reuses the
+    plain FullGrad's traced step), then ``random`` and ``blurred_random`` seeded by ``seed``.
+
+    Args:
+        model: A Keras classifier.
+        smooth_samples: Noisy copies per image of ``smooth``.
+        smooth_noise: Its noise std as a share of each image's range.
+        seed: Seeds the smooth noise and the random controls.
+        logits_layer: The layer whose output is the logits; found through the head when None.
+
+    Returns:
+        ``{name: (images, targets) -> maps}``.
+
+    Example:
+        >>> report = evaluation.evaluate(model, images, evaluation_methods(model))
+    """
+    model = expose_for(model, logits_layer)
+    plain = FullGrad(model)
+    methods: dict[str, evaluation.MapFunction] = {}
+    for kind in MAP_KINDS:
+        explainer = explainer_for(
+            model, kind, smooth_samples=smooth_samples, smooth_noise=smooth_noise, seed=seed,
+            engine=plain,
+        )
+        methods[kind] = _map_function(explainer)
+    methods["random"] = evaluation.random_maps(seed)
+    methods["blurred_random"] = evaluation.blurred_random_maps(seed)
+    return methods
+
+
+def _map_function(explainer: Any) -> evaluation.MapFunction:
+    def explain(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        column = _column(targets, len(images))
+        return explainer.compute(images, column, batch_size=None).maps[..., 0]
+
+    return explain

@@ -13,7 +13,8 @@ evaluation.json + evaluation.html``:
   A class the model never predicts gets no images; the sample is then smaller than ``N``
   when other classes run short too.
 - **Evaluate.** :class:`EvaluateBatches` loads the model once per worker (``setup``), builds
-  every map kind of ``fullgrad.variants`` plus the ``random`` and ``blurred_random`` controls,
+  every map kind plus the ``random`` and ``blurred_random`` controls
+  (``fullgrad.variants.evaluation_methods``),
   and runs ``fullgrad.evaluation.evaluate`` on fixed-size batches: each perturbation step is
   one forward pass over the batch. It outputs ``EvaluationTotals`` (sums), merged by
   :class:`MergeTotalsFn` with ``CombineGlobally``.
@@ -142,20 +143,14 @@ class EvaluateBatches(beam.DoFn):
     def setup(self) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import fullgrad
-        from fullgrad import evaluation, variants
+        from fullgrad import variants
 
         model = fullgrad.load_model(self._model_path, safe_mode=self._safe_mode)
         self._model = variants.expose_for(model, self._logits_layer)
-        plain = variants.explainer_for(self._model, "fullgrad")
-        self._methods: dict[str, Any] = {}
-        for kind in variants.MAP_KINDS:
-            explainer = variants.explainer_for(
-                self._model, kind, smooth_samples=self._smooth_samples,
-                smooth_noise=self._smooth_noise, seed=SEED, engine=plain,
-            )
-            self._methods[kind] = _map_function(explainer)
-        self._methods["random"] = evaluation.random_maps(SEED)
-        self._methods["blurred_random"] = evaluation.blurred_random_maps(SEED)
+        self._methods = variants.evaluation_methods(
+            self._model, smooth_samples=self._smooth_samples, smooth_noise=self._smooth_noise,
+            seed=SEED,
+        )
 
     def process(self, batch: list[dict]) -> Iterator[EvaluationTotals]:
         from fullgrad import evaluation
@@ -168,14 +163,6 @@ class EvaluateBatches(beam.DoFn):
             batch_size=len(batch), tie_break_seed=SEED, totals=totals,
         )
         yield totals
-
-
-def _map_function(explainer: Any):
-    def explain(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        return explainer.compute(images, np.asarray(targets).reshape(-1, 1), batch_size=None
-                                 ).maps[..., 0]
-
-    return explain
 
 
 class MergeTotalsFn(beam.CombineFn):
