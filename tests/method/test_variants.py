@@ -107,3 +107,14 @@ def test_every_kind_is_built(sequential_model, rng):
         assert np.isfinite(result.maps).all(), kind
     with pytest.raises(ValueError, match="unknown map"):
         variants.explainer_for(sequential_model, "lime")
+
+
+def test_a_named_logits_layer_is_honoured(sequential_model, rng):
+    images = rng.normal(size=(2, 20, 20, 3)).astype(np.float32)
+    name = sequential_model.layers[-1].name
+    for kind in ("fullgrad", "gradcam"):
+        named = variants.explainer_for(sequential_model, kind, logits_layer=name).compute(images)
+        found = variants.explainer_for(sequential_model, kind).compute(images)
+        np.testing.assert_allclose(named.maps, found.maps, atol=1e-6)
+    with pytest.raises(ValueError):
+        variants.explainer_for(sequential_model, "fullgrad", logits_layer="no_such_layer")
