@@ -219,9 +219,8 @@ class EvaluateFaithfulness(beam.PTransform):
         return (
             results
             | "SampleEntries" >> beam.FlatMap(sample_entry)
-            | "Sample" >> beam.CombineGlobally(
-                StratifiedSampleFn(limit, config.num_classes or limit)
-            )
+            # Without the class count (no check_model), every class may fill the whole sample.
+            | "Sample" >> beam.CombineGlobally(StratifiedSampleFn(limit, config.num_classes or 1))
             | "SampleItems" >> beam.FlatMap(lambda items: items)
             | "SpreadSample" >> beam.Reshuffle()
             | "SampleBatches" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
