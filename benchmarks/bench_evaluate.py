@@ -7,12 +7,16 @@ Prints, from one run on the same images, timed side by side (round-robin over re
   (11 steps, one forward pass of 2 x batch images each)
 - ``evaluate fullgrad / explain``: the FullGrad maps and their curves
 - ``evaluate all five / explain``: FullGrad, input x gradient, Grad-CAM, random and blurred
-  random maps and their curves (what ``--evaluate`` computes per sampled image)
+  random maps and their curves
+- ``evaluate --evaluate / explain``: what ``fullgrad run --evaluate`` computes per sampled
+  image: the five map kinds (fullgrad, simple, smooth with ``--smooth-samples`` copies,
+  input x gradient, Grad-CAM) and both random controls (``variants.evaluation_methods``)
 
 and the CPU model from /proc/cpuinfo.
 
 Usage:
     python benchmarks/bench_evaluate.py [--model demo|resnet50] [--batch-size 16] [--repeats 5]
+        [--smooth-samples 16]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import keras
 import numpy as np
 
 import fullgrad as ke
-from fullgrad import baselines, evaluation
+from fullgrad import baselines, evaluation, variants
 from fullgrad.demo.model import build_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smooth-samples", type=int, default=variants.DEFAULT_SMOOTH_SAMPLES)
     args = parser.parse_args()
     size = args.size or (224 if args.model == "resnet50" else 64)
     model = make_model(args.model, size)
@@ -67,6 +72,7 @@ def main() -> None:
         "random": evaluation.random_maps(0),
         "blurred_random": evaluation.blurred_random_maps(0),
     }
+    job_methods = variants.evaluation_methods(model, smooth_samples=args.smooth_samples)
 
     def curves_only() -> None:
         for start in range(0, len(images), batch):
@@ -81,6 +87,9 @@ def main() -> None:
         ),
         "evaluate all five": lambda: evaluation.evaluate(
             model, images, everything, batch_size=batch
+        ),
+        "evaluate --evaluate": lambda: evaluation.evaluate(
+            model, images, job_methods, batch_size=batch
         ),
     }
     for run in modes.values():  # trace every function once before timing

@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "PRECISIONS",
     "TARGET_PREDICTED",
+    "VARIANTS",
     "Decomposition",
     "FullGrad",
     "FullGradResult",
@@ -56,6 +57,9 @@ DEFAULT_BATCH_SIZE = 32
 
 #: The Keras dtype policies ``FullGrad(precision=...)`` runs the model under.
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+#: The maps ``FullGrad(variant=...)`` computes from the same gradients (see ``FullGrad``).
+VARIANTS = ("fullgrad", "simple")
 
 
 def completeness(logits: Any, term_sums: Any, logits_bias: Any) -> tuple[tf.Tensor, tf.Tensor]:
@@ -186,6 +190,12 @@ class FullGrad:
             (bfloat16) rather than float32's 1e-7.
             On a GPU this is the speed option; on a CPU it mostly checks the numbers.
             ``mixed_float16`` uses no loss scaling: gradients below float16's range flush to 0.
+        variant: ``"fullgrad"`` (default) or ``"simple"``: the same terms without the per-term
+            min-max, ``S = minmax(sum_t up(sum_c |t|))``, so a term is weighed by its own
+            magnitude and a large, spread-out bias term cannot wash out a sharp input term.
+            Same traced pass, same logits and residual; only the post-processing differs.
+            (The authors' released ``simple_fullgrad.py`` differs again: it keeps the
+            per-term min-max and uses the raw gradients at the layers without the biases.)
 
     Example:
         >>> explainer = FullGrad(model)
@@ -193,6 +203,7 @@ class FullGrad:
         >>> maps = explainer(images, labels)                 # [B, H, W], given classes
         >>> result = explainer.compute(images)               # maps, logits, residuals
         >>> fast = FullGrad(model, precision="mixed_bfloat16")
+        >>> simple = FullGrad(model, variant="simple")
     """
 
     def __init__(
@@ -203,9 +214,12 @@ class FullGrad:
         normalize_channels: bool = False,
         jit_compile: bool = False,
         precision: str = "float32",
+        variant: str = "fullgrad",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         exposure = inspection.exposure_of(model)
         if exposure is None and len(model.outputs) == 1:
             logits_layer = inspection.get_logits_layer(model)
@@ -238,6 +252,7 @@ class FullGrad:
         )
         self.normalize_channels = normalize_channels
         self.jit_compile = jit_compile
+        self.variant = variant
         self._steps: dict[tuple, Any] = {}
 
     # -- public API -----------------------------------------------------------------------
@@ -448,7 +463,12 @@ class FullGrad:
         }
 
     def _post_process(self, magnitude: tf.Tensor) -> tf.Tensor:
-        """``sum_c minmax(|t|)`` of a term given as ``|t|`` ``[B, h, w, C]`` -> ``[B, h, w]``."""
+        """``sum_c minmax(|t|)`` of a term given as ``|t|`` ``[B, h, w, C]`` -> ``[B, h, w]``.
+
+        ``sum_c |t|`` for the simple variant: its one min-max is the final one.
+        """
+        if self.variant == "simple":
+            return tf.reduce_sum(magnitude, axis=-1)
         axes = [1, 2] if self.normalize_channels else [1, 2, 3]
         return tf.reduce_sum(_minmax(magnitude, axes=axes), axis=-1)
 
@@ -461,7 +481,7 @@ class FullGrad:
         """
         weighted = grad * bias
         magnitude = tf.abs(weighted)
-        if self.normalize_channels:
+        if self.normalize_channels or self.variant == "simple":
             partial = self._post_process(magnitude)
         else:
             low = tf.reduce_min(magnitude, axis=[1, 2, 3])

@@ -20,6 +20,7 @@ from typing import Any
 from fullgrad.images import DEFAULT_MAX_PIXELS, PREPROCESS_MODES
 from fullgrad.methods import PRECISIONS
 from fullgrad.record import MAP_DTYPES
+from fullgrad.variants import DEFAULT_SMOOTH_NOISE, DEFAULT_SMOOTH_SAMPLES, MAP_KINDS
 
 __all__ = [
     "FORMATS",
@@ -239,6 +240,30 @@ class JobConfig:
         None, help="the layer whose output is the class logits (default: found through the "
         "model's head)", group="model",
     )
+    map: str = _setting(
+        "fullgrad", help="the saliency map: FullGrad, its simple or smooth variant, or a "
+        "baseline (fullgrad.variants)", group="model", choices=MAP_KINDS,
+    )
+    smooth_samples: int = _setting(
+        DEFAULT_SMOOTH_SAMPLES, help="noisy copies per image of --map smooth", group="model",
+        type=int,
+    )
+    smooth_noise: float = _setting(
+        DEFAULT_SMOOTH_NOISE, help="--map smooth's noise std, as a share of each image's "
+        "value range", group="model", type=float,
+    )
+    evaluate: bool = _setting(
+        False, help="also write evaluation.json: deletion/insertion faithfulness of every map "
+        "kind and the random controls on a class-stratified sample", group="evaluation",
+    )
+    evaluate_images: int = _setting(
+        256, help="images in --evaluate's sample, balanced over the explained classes",
+        group="evaluation", type=int,
+    )
+    evaluate_batch_size: int = _setting(
+        32, help="images per batch of --evaluate (each perturbation step is one forward pass)",
+        group="evaluation", type=int,
+    )
     #: The model's class count and input channels, filled in by the job's model check.
     num_classes: int | None = None
     channels: int | None = None
@@ -310,6 +335,14 @@ class JobConfig:
             raise ValueError("--overlays must be >= 0")
         if self.decode_threads < 0:
             raise ValueError("--decode-threads must be >= 0")
+        if self.map not in MAP_KINDS:
+            raise ValueError(f"--map must be one of {MAP_KINDS}, not {self.map!r}")
+        if self.smooth_samples < 1:
+            raise ValueError("--smooth-samples must be at least 1")
+        if self.smooth_noise < 0:
+            raise ValueError("--smooth-noise must be >= 0")
+        if self.evaluate_images < 1 or self.evaluate_batch_size < 1:
+            raise ValueError("--evaluate-images and --evaluate-batch-size must be at least 1")
         if not isinstance(self.target, int) and self.target not in ("predicted", "label"):
             try:
                 int(self.target)

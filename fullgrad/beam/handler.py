@@ -52,7 +52,7 @@ def _enable_gpu_memory_growth() -> None:
 
 
 class LoadedExplainer:
-    """The per-worker model: a loaded classifier wrapped in a traced ``fullgrad.FullGrad``.
+    """The per-worker model: a loaded classifier wrapped in a traced explainer of ``map_kind``.
 
     It is what ``FullGradModelHandler.load_model`` returns, so it is also the object Beam shares
     across processes (through ``multi_process_shared``) when ``model_copies``/``large_model``
@@ -65,6 +65,11 @@ class LoadedExplainer:
         safe_mode: Keras' safe_mode.
         logits_layer: The layer whose output is the logits; found through the head when None.
         precision: The Keras dtype policy of ``fullgrad.FullGrad(precision=...)``.
+        map_kind: The map (``fullgrad.variants.MAP_KINDS``): FullGrad, ``simple``, ``smooth``,
+            ``input_x_gradient`` or ``gradcam``. The residual is FullGrad's for the first
+            three, NaN for the baselines (see ``fullgrad.variants``).
+        smooth_samples: Noisy copies per image for ``smooth``.
+        smooth_noise: The noise std of ``smooth``, as a share of each image's range.
 
     Example:
         >>> explainer = LoadedExplainer("model.keras", image_size=32)
@@ -81,13 +86,20 @@ class LoadedExplainer:
         safe_mode: bool = True,
         logits_layer: str | None = None,
         precision: str = "float32",
+        map_kind: str = "fullgrad",
+        smooth_samples: int = 16,
+        smooth_noise: float = 0.15,
     ) -> None:
         _enable_gpu_memory_growth()
         import fullgrad
+        from fullgrad.variants import explainer_for
 
         model = fullgrad.load_model(model_path, safe_mode=safe_mode)
-        options = {"logits_layer": logits_layer} if logits_layer else {}
-        self.engine = fullgrad.FullGrad(model, precision=precision, **options)
+        self.map_kind = map_kind
+        self.engine = explainer_for(
+            model, map_kind, smooth_samples=smooth_samples, smooth_noise=smooth_noise,
+            logits_layer=logits_layer, precision=precision,
+        )
         self.num_classes = int(model.outputs[0].shape[-1])
         self.top_k = max(1, min(int(top_k), self.num_classes))
         # Trace now, on one dummy image: the signature has a free batch dimension, so no batch
@@ -135,6 +147,9 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         model_copies: Load exactly this many copies per machine, shared by its processes
             (useful on a GPU machine with several SDK processes).
         large_model: Share a single copy across the machine's processes.
+        map_kind: The map kind (``fullgrad.variants.MAP_KINDS``).
+        smooth_samples: Noisy copies per image for ``map_kind="smooth"``.
+        smooth_noise: Its noise std as a share of each image's range.
 
     Example Usage:
         >>> handler = FullGradModelHandler("gs://b/model.keras", image_size=224,
@@ -155,6 +170,9 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         max_batch_size: int | None = None,
         model_copies: int | None = None,
         large_model: bool = False,
+        map_kind: str = "fullgrad",
+        smooth_samples: int = 16,
+        smooth_noise: float = 0.15,
     ) -> None:
         super().__init__(
             min_batch_size=min_batch_size,
@@ -170,6 +188,9 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         self.precision = precision
         self.top_k = int(top_k)
         self.safe_mode = safe_mode
+        self.map_kind = map_kind
+        self.smooth_samples = int(smooth_samples)
+        self.smooth_noise = float(smooth_noise)
         # RunInference counts inferences (num_inferences) and times batches
         # (inference_batch_latency_micro_secs) itself, under get_metrics_namespace().
         self._loads = Metrics.counter(METRICS_NAMESPACE, "model_loads")
@@ -186,6 +207,9 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
             safe_mode=self.safe_mode,
             logits_layer=self.logits_layer,
             precision=self.precision,
+            map_kind=self.map_kind,
+            smooth_samples=self.smooth_samples,
+            smooth_noise=self.smooth_noise,
         )
         # DoFn.setup (where RunInference loads) has no metrics context: counted at first use.
         self._unreported_loads += 1

@@ -68,6 +68,7 @@ OWNED_OUTPUTS = (
     "overlays",
     "audit*",
     "report.html",
+    "evaluation*",
     "beam-temp-*",
 )
 
@@ -85,12 +86,15 @@ class JobOutputs:
         explained: Explained records (the shared contract; see ``ExplainRows``).
         dead_letters: ``{"id", "stage", "error"}`` from every stage.
         input_count: A singleton: rows read plus read dead letters.
+        results: RunInference's ``PredictionResult``s (requests with their images), for
+            ``--evaluate``.
     """
 
     rows: Any
     explained: Any
     dead_letters: Any
     input_count: Any
+    results: Any = None
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -353,7 +357,8 @@ def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> J
     from fullgrad.beam.transforms import ExplainRows, count_failure
 
     rows, read_dead = pipeline | "Read" >> io.ReadRows(config)
-    explained, explain_dead = rows | "Explain" >> ExplainRows(config)
+    explain = ExplainRows(config)
+    explained, explain_dead = rows | "Explain" >> explain
     dead = (
         (read_dead, explain_dead)
         | "DeadLetters" >> beam.Flatten()
@@ -365,7 +370,7 @@ def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> J
         | "Inputs" >> beam.Flatten()
         | "SumInputs" >> beam.CombineGlobally(sum)
     )
-    outputs = JobOutputs(rows, explained, dead, input_count)
+    outputs = JobOutputs(rows, explained, dead, input_count, explain.inference_results)
     if write:
         _add_writers(pipeline, config, outputs)
     return outputs
@@ -391,6 +396,10 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
         _ = explained | "WriteOverlays" >> io.WriteOverlays(config.output, config.overlays)
     if config.audit:
         _add_audit(config, explained)
+    if config.evaluate:
+        from fullgrad.beam.evaluate import EvaluateFaithfulness
+
+        _ = outputs.results | "Evaluate" >> EvaluateFaithfulness(config)
 
     count = beam.combiners.Count.Globally
     explained_count = explained | "CountExplained" >> count()
@@ -435,11 +444,11 @@ def _add_audit(config: JobConfig, explained: Any) -> None:
     from fullgrad.audit.transforms import ComputeAudit
 
     settings = AuditSettings.from_config(config)
-    output = config.output
+    output, map_kind = config.output, config.map
     _ = (
         explained
         | "Audit" >> ComputeAudit(settings)
-        | "WriteAudit" >> beam.Map(lambda audit: write_audit(audit, output))
+        | "WriteAudit" >> beam.Map(lambda audit: write_audit({**audit, "map": map_kind}, output))
     )
 
 

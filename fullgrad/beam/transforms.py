@@ -221,8 +221,8 @@ class ToRecords(beam.DoFn):
             )
             return
         saliency = np.asarray(inference["map"], np.float32)
-        scalars = [inference["logit"], inference["residual"]]
-        if not (np.all(np.isfinite(saliency)) and np.all(np.isfinite(scalars))):
+        # A baseline map has no decomposition: its residual is NaN by design.
+        if not (np.all(np.isfinite(saliency)) and np.isfinite(inference["logit"])):
             yield beam.pvalue.TaggedOutput(
                 "dead",
                 dead_letter(request["id"], "explain", "the map or logit is NaN/inf"),
@@ -270,6 +270,9 @@ def handler_for(config: JobConfig) -> FullGradModelHandler:
         max_batch_size=config.batch_size,
         model_copies=config.model_copies,
         large_model=config.large_model,
+        map_kind=config.map,
+        smooth_samples=config.smooth_samples,
+        smooth_noise=config.smooth_noise,
     )
 
 
@@ -283,6 +286,8 @@ class ExplainRows(beam.PTransform):
     def __init__(self, config: JobConfig) -> None:
         super().__init__()
         self._config = config
+        #: RunInference's results once applied (requests with their images, inferences).
+        self.inference_results: beam.PCollection | None = None
 
     def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         decoded = rows | "Decode" >> beam.ParDo(DecodeRows(self._config)).with_outputs(
@@ -292,6 +297,8 @@ class ExplainRows(beam.PTransform):
             decoded.requests
             | "FullGrad" >> RunInference(handler_for(self._config)).with_exception_handling()
         )
+        # The --evaluate branch samples its images from here, before the records drop them.
+        self.inference_results = results
         records = results | "Records" >> beam.ParDo(ToRecords(self._config)).with_outputs(
             "dead", main="explained"
         )

@@ -241,3 +241,16 @@ def test_stratified_sample_is_balanced_bounded_and_order_free():
     # Smallest keys per class: the first "a" chosen is the "a" with the smallest key.
     first_a = min((i for i, c in zip(ids, classes) if c == "a"), key=evaluation.sample_key)
     assert sample[0] == first_a
+
+
+def test_every_fullgrad_kind_beats_random_on_the_trained_model(trained):
+    from fullgrad import variants
+
+    model, x, labels = trained
+    methods = variants.evaluation_methods(model, smooth_samples=4)
+    report = evaluation.evaluate(model, x, methods, classes=labels, batch_size=8, blur_sigma=BLUR)
+    scores = report["methods"]
+    random = scores["random"]
+    for kind in variants.FULLGRAD_KINDS:
+        assert scores[kind]["deletion_auc"] < random["deletion_auc"] - 0.05, kind
+        assert scores[kind]["insertion_auc"] > random["insertion_auc"] + 0.05, kind
