@@ -63,7 +63,7 @@ def audit_json(audit: Mapping[str, Any]) -> dict[str, Any]:
     Example:
         >>> json.dumps(audit_json(audit), allow_nan=False)
     """
-    out = {k: v for k, v in audit.items() if k not in ("mean_maps", "examples")}
+    out = {k: v for k, v in audit.items() if k not in ("mean_maps", "examples", "drift_maps")}
     out["examples"] = {
         name: [str(r.get("id")) for r in records]
         for name, records in audit.get("examples", {}).items()
