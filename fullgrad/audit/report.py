@@ -333,6 +333,9 @@ def render_html(audit: Mapping[str, Any]) -> str:
         ),
         _img(_histograms_figure(audit), "histograms"),
     ]
+    from fullgrad.audit.drift_report import report_sections  # it draws with this module's helpers
+
+    parts += report_sections(audit)  # drift against a baseline; strategies (SpRAy clusters)
     for name, title in _SECTIONS.items():
         parts += [f"<h2>{html.escape(title)}</h2>", _gallery(examples.get(name, []), settings)]
     residual = audit.get("dataset", {}).get("residual", {})
