@@ -1,0 +1,52 @@
+"""Drift between the demo's shortcut run and its control run (``--shortcut-fraction 0``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.demo.conftest import EPOCHS, EXPLAIN_IMAGES, SEED, SIZE, TRAIN_IMAGES
+
+
+@pytest.fixture(scope="session")
+def control_run(tmp_path_factory) -> dict:
+    """The demo's control: the same generator and sizes, nothing planted (a model of its own)."""
+    from fullgrad.demo.command import run_demo
+
+    output = str(tmp_path_factory.mktemp("demo-control"))
+    result = run_demo(output, size=SIZE, train_images=TRAIN_IMAGES,
+                      explain_images=EXPLAIN_IMAGES, epochs=EPOCHS, seed=SEED,
+                      shortcut_fraction=0.0)
+    return {**result, "output": output}
+
+
+def _drift(maps: str, baseline: str, output: str) -> dict:
+    from fullgrad.audit.settings import AuditSettings
+    from fullgrad.beam.audit_job import run_audit
+
+    paths = run_audit(maps, output, AuditSettings(), baseline=baseline)
+    with open(paths["json"]) as handle:
+        audit = json.load(handle)
+    assert "Drift against the baseline" in Path(paths["html"]).read_text()
+    return audit["drift"]
+
+
+def test_the_shortcut_class_drifts_from_the_control_and_no_other(demo_run, control_run, tmp_path):
+    drift = _drift(demo_run["output"], control_run["output"], str(tmp_path / "vs-control"))
+    assert drift["baseline"] == control_run["output"] + "/audit.json"
+    assert drift["drifted_classes"] == ["3"], json.dumps(drift["classes"], indent=1)
+    shortcut = drift["classes"]["3"]
+    # Its mean map moved to the corner mark: the coarse maps no longer correlate.
+    assert shortcut["map_distance"] > 0.3
+    assert any(r.startswith("mean map moved") for r in shortcut["reasons"])
+
+
+def test_a_run_against_itself_does_not_drift(demo_run, tmp_path):
+    drift = _drift(demo_run["output"], demo_run["output"], str(tmp_path / "self"))
+    assert drift["drifted_classes"] == []
+    for entry in drift["classes"].values():
+        assert entry["map_distance"] == pytest.approx(0.0, abs=1e-9)
+        assert all(abs(s["shift"]) < 1e-9 for s in entry["shifts"].values())
+        assert entry["mix_distance"] == pytest.approx(0.0)
