@@ -418,7 +418,7 @@ def _class_entry(
         return entry
     q = options.envelope_quantile
     others = [p for t, p in parts.items()
-              if t != target and len(p["features"]) and p["features"].shape == features.shape]
+              if t != target and len(p["features"]) and p["features"].shape[1:] == features.shape[1:]]
     # Where the other classes look: the envelope of their maps, and each of their strategies.
     outside = np.zeros(features.shape[1])
     for other in others:

@@ -82,3 +82,20 @@ def test_the_same_clusters_at_one_and_two_workers(tmp_path, planted):
     strategy_examples = {k: v for k, v in one["examples"].items() if k.startswith("strategy:")}
     assert {k: v for k, v in two["examples"].items() if k.startswith("strategy:")} == \
         strategy_examples
+
+
+def test_classes_of_different_sizes_are_compared_with_each_other():
+    """Regression: other classes count as references whatever their sample size (a class
+    compared with nothing has all its saliency 'where nothing else looks')."""
+    from fullgrad.audit import strategies
+
+    records = _records(planted=False, seed=1, per_class=100)
+    reservoirs = {}
+    for image_id, target, saliency, statistics in records:
+        if int(image_id.rsplit("-", 1)[1]) < 40 + 20 * target:  # 40, 60, 80, 100 per class
+            reservoirs.setdefault(target, strategies.MapReservoir(200, 16)).add(
+                image_id, saliency, statistics)
+    found = strategies.discover_strategies(reservoirs)
+    assert [found["classes"][str(k)]["sample"] for k in range(4)] == [40, 60, 80, 100]
+    assert found["verdicts"] == []
+    assert max(c["excess"] for v in found["classes"].values() for c in v["clusters"]) < 0.25
