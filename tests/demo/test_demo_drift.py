@@ -36,11 +36,24 @@ def _drift(maps: str, baseline: str, output: str) -> dict:
 def test_the_shortcut_class_drifts_from_the_control_and_no_other(demo_run, control_run, tmp_path):
     drift = _drift(demo_run["output"], control_run["output"], str(tmp_path / "vs-control"))
     assert drift["baseline"] == control_run["output"] + "/audit.json"
-    assert drift["drifted_classes"] == ["3"], json.dumps(drift["classes"], indent=1)
-    shortcut = drift["classes"]["3"]
-    # Its mean map moved to the corner mark: the coarse maps no longer correlate.
+    classes = drift["classes"]
+    assert "3" in drift["drifted_classes"], json.dumps(classes, indent=1)
+    shortcut = classes["3"]
+    # Its mean map moved to the corner mark: the coarse maps no longer correlate, and its
+    # saliency left the object for the border.
     assert shortcut["map_distance"] > 0.3
     assert any(r.startswith("mean map moved") for r in shortcut["reasons"])
+    assert any(r.startswith("mask_energy") for r in shortcut["reasons"])
+    assert any(r.startswith("border_energy") for r in shortcut["reasons"])
+    # No other class's attribution drifts: its maps and statistics stay. The control is another
+    # model, though, and at this size (30 images a class) it confuses the other classes
+    # differently: their predicted mix may move (measured: total variation 0.33 for class 0,
+    # 0.37 for class 1, against 0.20 at the demo's default size), and that is reported as
+    # drift too, rightly: the predictions did change.
+    for key in ("0", "1", "2"):
+        attribution = [r for r in classes[key]["reasons"] if not r.startswith("predicted mix")]
+        assert attribution == [], (key, classes[key]["reasons"])
+        assert classes[key]["map_distance"] < 0.3
 
 
 def test_a_run_against_itself_does_not_drift(demo_run, tmp_path):
