@@ -99,3 +99,18 @@ def test_classes_of_different_sizes_are_compared_with_each_other():
     assert [found["classes"][str(k)]["sample"] for k in range(4)] == [40, 60, 80, 100]
     assert found["verdicts"] == []
     assert max(c["excess"] for v in found["classes"].values() for c in v["clusters"]) < 0.25
+
+
+def test_with_masks_each_cluster_reports_its_mask_energy(records):
+    """conftest's records (masks, class 2's maps mostly in a corner): each cluster's mean mask
+    energy is reported, and the corner strategy's is low."""
+    from tests.audit.conftest import run_audit as run_in_process
+
+    audit = run_in_process(records, SETTINGS)
+    clusters = [c for v in audit["strategies"]["classes"].values() for c in v["clusters"]]
+    assert clusters and all(0.0 <= c["statistics"]["mask_energy"] <= 1.0 for c in clusters)
+    corner = max(audit["strategies"]["classes"]["2"]["clusters"], key=lambda c: c["size"])
+    others = [c for k, v in audit["strategies"]["classes"].items() if k != "2"
+              for c in v["clusters"]]
+    assert corner["statistics"]["mask_energy"] < min(c["statistics"]["mask_energy"]
+                                                      for c in others)
