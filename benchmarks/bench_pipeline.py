@@ -24,8 +24,13 @@ repeated (``--repeats``, 3 by default); the median of each ratio is the result, 
 every repeat's. Peak RSS comes from separate subprocesses that only run the job
 (``resource.getrusage``).
 
+``--audit-baseline`` measures only the memory ratio, of the job with ``--audit --baseline``
+(the audit's combiners, the per-class map sample for strategies and the drift against an
+earlier run's ``audit.json``, made first by a job over the N images): peak RSS over 4N / over N.
+
 Example:
     $ python benchmarks/bench_pipeline.py --images 256 --image-size 96 --batch-size 32
+    $ python benchmarks/bench_pipeline.py --audit-baseline --images 256
 """
 
 from __future__ import annotations
@@ -137,7 +142,8 @@ class _ProgressClock(logging.Handler):
             self.points.append((record.created, int(record.args[0])))
 
 
-def _job(model: str, data: str, size: int, batch: int, output: str) -> dict:
+def _job(model: str, data: str, size: int, batch: int, output: str,
+         baseline: str | None = None) -> dict:
     """The whole job, in this process (the default in-memory local runner).
 
     Besides the whole run's wall and CPU time, returns the job's in-stream rate: images between
@@ -155,6 +161,7 @@ def _job(model: str, data: str, size: int, batch: int, output: str) -> dict:
         input=os.path.join(data, "*.parquet"), model=model, output=output, image_size=size,
         preprocess="unit", batch_size=batch, map_size=size // 4, map_dtype="uint8",
         progress_every=2 * batch, overwrite=True,
+        audit=baseline is not None, baseline=baseline or None,
     )
     wall, cpu = time.perf_counter(), _cpu_s()
     summary = run(config)
@@ -169,13 +176,16 @@ def _job(model: str, data: str, size: int, batch: int, output: str) -> dict:
 
 def child(kind: str, model: str, data: str, size: int, batch: int, output: str,
           engine_data: str) -> dict:
-    """``memory``: the job only, with its peak RSS; ``paired``: engine, job, engine."""
-    if kind == "memory":
+    """``memory``: the job only, with its peak RSS; ``paired``: engine, job, engine;
+    ``memory-audit``: the job with ``--audit --baseline engine_data`` (a folder with an
+    ``audit.json``), with its peak RSS."""
+    if kind in ("memory", "memory-audit"):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from rss import peak_rss_mb, reset_peak_rss
 
         reset_peak_rss()  # else the child reports its parent's peak (kept across fork+exec)
-        return {**_job(model, data, size, batch, output), "peak_rss_mb": peak_rss_mb()}
+        baseline = engine_data if kind == "memory-audit" else None
+        return {**_job(model, data, size, batch, output, baseline), "peak_rss_mb": peak_rss_mb()}
     before = _engine_timing(model, engine_data, size, batch)
     result = _job(model, data, size, batch, output)
     after = _engine_timing(model, engine_data, size, batch)
@@ -206,6 +216,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="N / 4N pairs; the median counts")
+    parser.add_argument("--audit-baseline", action="store_true",
+                        help="only the memory ratio, of the job with --audit --baseline")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -224,6 +236,9 @@ def main() -> int:
     def run_child(kind: str, name: str, data: str) -> dict:
         out = os.path.join(work, f"out-{kind}-{name}")
         return _child([kind, model, data, *common, out, small])
+
+    if args.audit_baseline:
+        return audit_memory(work, model, small, large, common, args.images)
 
     pairs = [_throughput(run_child("paired", "1x", small), run_child("paired", "4x", large))
              for _ in range(max(1, args.repeats))]
@@ -247,6 +262,32 @@ def main() -> int:
     print(f"  whole 4N run with model load, tracing and pipeline start: {median('ratio_whole')}")
     rss_1x, rss_4x = memory_1x["peak_rss_mb"], memory_4x["peak_rss_mb"]
     print(f"peak RSS: N {rss_1x:.0f} MB, 4N {rss_4x:.0f} MB")
+    print(f"memory ratio (4N / N): {rss_4x / rss_1x:.3f}  target <= 1.15")
+    return 0
+
+
+def audit_memory(work: str, model: str, small: str, large: str, common: list[str],
+                 images: int) -> int:
+    """Peak RSS of the job with ``--audit --baseline`` over 4N images / over N images."""
+    import shutil
+
+    baseline = os.path.join(work, "baseline")
+    # The baseline: an audited run over the N images (its audit.json is what --baseline reads).
+    _child(["memory-audit", model, small, *common, baseline, ""])
+    os.remove(os.path.join(baseline, "summary.json"))  # only its audit is kept as a baseline
+    kept = os.path.join(work, "baseline-audit")
+    os.makedirs(kept)
+    shutil.copy(os.path.join(baseline, "audit.json"), kept)
+    runs = {name: _child(["memory-audit", model, data, *common,
+                          os.path.join(work, f"out-audit-{name}"), kept])
+            for name, data in (("1x", small), ("4x", large))}
+    for name, result in runs.items():
+        with open(os.path.join(work, f"out-audit-{name}", "audit.json")) as handle:
+            drift = json.load(handle)["drift"]
+        print(f"{name}: {result['images']} images, drift section with "
+              f"{len(drift['classes'])} classes, drifted {drift['drifted_classes']}")
+    rss_1x, rss_4x = runs["1x"]["peak_rss_mb"], runs["4x"]["peak_rss_mb"]
+    print(f"--audit --baseline: N = {images}, peak RSS: N {rss_1x:.0f} MB, 4N {rss_4x:.0f} MB")
     print(f"memory ratio (4N / N): {rss_4x / rss_1x:.3f}  target <= 1.15")
     return 0
 

@@ -63,7 +63,7 @@ def audit_json(audit: Mapping[str, Any]) -> dict[str, Any]:
     Example:
         >>> json.dumps(audit_json(audit), allow_nan=False)
     """
-    out = {k: v for k, v in audit.items() if k not in ("mean_maps", "examples")}
+    out = {k: v for k, v in audit.items() if k not in ("mean_maps", "examples", "drift_maps")}
     out["examples"] = {
         name: [str(r.get("id")) for r in records]
         for name, records in audit.get("examples", {}).items()
@@ -333,6 +333,9 @@ def render_html(audit: Mapping[str, Any]) -> str:
         ),
         _img(_histograms_figure(audit), "histograms"),
     ]
+    from fullgrad.audit.drift_report import report_sections  # it draws with this module's helpers
+
+    parts += report_sections(audit)  # drift against a baseline; strategies (SpRAy clusters)
     for name, title in _SECTIONS.items():
         parts += [f"<h2>{html.escape(title)}</h2>", _gallery(examples.get(name, []), settings)]
     residual = audit.get("dataset", {}).get("residual", {})

@@ -40,6 +40,22 @@ class AuditSettings:
         examples: Images kept (with thumbnail and map) per example list, for the report.
         max_flagged_ids: Flagged images listed by id in ``audit.json`` (the worst first).
         residual_tolerance: Completeness residuals above this are counted as violations.
+        strategy_capacity: Maps sampled per class for strategy discovery (0: no clustering).
+        strategy_grid: Side of the sampled, downsampled maps.
+        strategy_max_clusters: Largest number of clusters tried per class.
+        strategy_min_share: A cluster must hold this share of its class to be flagged.
+        strategy_excess_min: ...and this share of its saliency where nothing else looks.
+        strategy_exemplars: Exemplar overlays (kept as small thumbnails) per cluster.
+        drift_grid: Side of the coarse mean maps kept in ``audit.json`` and compared.
+        drift_samples: Per-image statistic values kept per class in ``audit.json`` for a later
+            run's bootstrap (a uniform sample of the class).
+        drift_map_distance_max: A class drifts when ``1 - r`` of its coarse mean maps exceeds this.
+        drift_shift_min: Smallest shift of a statistic's mean that counts as drift.
+        drift_share_shift_min: Smallest shift of a class's share of predictions that counts.
+        drift_mix_distance_max: A class drifts when its predicted mix moves more than this
+            (total variation).
+        drift_confidence: Level of the bootstrap intervals of the shifts.
+        drift_resamples: Bootstrap resamples per statistic.
         class_names: Optional display names, indexed by class.
 
     Example:
@@ -60,6 +76,20 @@ class AuditSettings:
     examples: int = 8
     max_flagged_ids: int = 1000
     residual_tolerance: float = 1e-3
+    strategy_capacity: int = 2000
+    strategy_grid: int = 16
+    strategy_max_clusters: int = 6
+    strategy_min_share: float = 0.15
+    strategy_excess_min: float = 0.25
+    strategy_exemplars: int = 4
+    drift_grid: int = 8
+    drift_samples: int = 500
+    drift_map_distance_max: float = 0.3
+    drift_shift_min: float = 0.1
+    drift_share_shift_min: float = 0.05
+    drift_mix_distance_max: float = 0.2
+    drift_confidence: float = 0.95
+    drift_resamples: int = 1000
     class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +102,9 @@ class AuditSettings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.bins < 1 or self.examples < 0 or self.max_flagged_ids < 0:
             raise ValueError("bins must be >= 1, examples and max_flagged_ids >= 0")
+        if self.strategy_capacity < 0 or self.strategy_grid < 2 or self.drift_samples < 0:
+            raise ValueError("strategy_capacity, drift_samples must be >= 0, strategy_grid >= 2")
+        _ = self.strategy_options, self.drift_options  # validates their ranges early
 
     @classmethod
     def from_config(cls, config: Any) -> AuditSettings:
@@ -90,6 +123,29 @@ class AuditSettings:
         """The per-image measuring options."""
         return StatisticsOptions(
             self.top_fraction, self.border_fraction, self.pointing_tolerance, self.floor_quantile
+        )
+
+    @property
+    def strategy_options(self) -> Any:
+        """The clustering options (:class:`fullgrad.audit.strategies.StrategyOptions`)."""
+        from fullgrad.audit.strategies import StrategyOptions
+
+        return StrategyOptions(
+            max_clusters=self.strategy_max_clusters, min_share=self.strategy_min_share,
+            excess_min=self.strategy_excess_min, floor_quantile=self.floor_quantile,
+            exemplars=self.strategy_exemplars,
+        )
+
+    @property
+    def drift_options(self) -> Any:
+        """The drift thresholds (:class:`fullgrad.audit.drift.DriftOptions`)."""
+        from fullgrad.audit.drift import DriftOptions
+
+        return DriftOptions(
+            grid=self.drift_grid, map_distance_max=self.drift_map_distance_max,
+            shift_min=self.drift_shift_min, share_shift_min=self.drift_share_shift_min,
+            mix_distance_max=self.drift_mix_distance_max, confidence=self.drift_confidence,
+            resamples=self.drift_resamples, min_class_count=self.min_class_count,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -362,7 +362,8 @@ def discover_strategies(
         ``{"classes": {"7": {"sample": n, "silhouettes": {k: score}, "clusters": [{"cluster":
         1, "size", "share", "mean_map" ([grid, grid], mean of the cluster's downsampled maps),
         "statistics" ({name: mean}), "exemplars" ([id, ...]), "excess", "region",
-        "flagged"}, ...]}, ...}, "verdicts": ["cluster 2 of class 7 (31% of images): saliency
+        "flagged"}, ...], "labels" (each sampled map's cluster, from 0, in ``reservoir.ids``
+        order)}, ...}, "verdicts": ["cluster 2 of class 7 (31% of images): saliency
         in the top band", ...], "flagged_classes": ["7"]}``. Clusters are numbered from 1, the
         largest first.
 
@@ -411,12 +412,13 @@ def _class_entry(
     ids = part["reservoir"].ids
     statistics = part["reservoir"].statistics
     n = len(features)
-    entry: dict[str, Any] = {"sample": n, "silhouettes": part["silhouettes"], "clusters": []}
+    entry: dict[str, Any] = {"sample": n, "silhouettes": part["silhouettes"], "clusters": [],
+                             "labels": labels}
     if n == 0:
         return entry
     q = options.envelope_quantile
     others = [p for t, p in parts.items()
-              if t != target and len(p["features"]) and p["features"].shape == features.shape]
+              if t != target and len(p["features"]) and p["features"].shape[1:] == features.shape[1:]]
     # Where the other classes look: the envelope of their maps, and each of their strategies.
     outside = np.zeros(features.shape[1])
     for other in others:

@@ -47,6 +47,8 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
+from fullgrad.audit.comparison import with_drift
+from fullgrad.audit.sampling import ClassSampleCombineFn, sample_sections
 from fullgrad.audit.settings import AuditSettings
 from fullgrad.audit.stats import border_band, image_statistics
 from fullgrad.record import STATISTIC_COLUMNS, STATISTICS
@@ -408,6 +410,7 @@ class AuditCombineFn(beam.CombineFn):
                 "severity", n, largest=True, keep=(*self._PICTURES, "severity")
             ),
             "flagged": FlaggedIdsCombineFn(settings.max_flagged_ids),
+            "sample": ClassSampleCombineFn(settings),  # strategies and drift (sampling.py)
         }
 
     def create_accumulator(self):
@@ -566,6 +569,7 @@ def finalise_audit(combined: Mapping[str, Any], settings: AuditSettings) -> dict
             "residual": summary["residual"],
         }
     flagged = combined["flagged"]
+    sampled = sample_sections(combined["sample"], classes, settings)
     return {
         "settings": settings.as_dict(),
         "images": sum(c["count"] for c in classes.values()),
@@ -585,7 +589,10 @@ def finalise_audit(combined: Mapping[str, Any], settings: AuditSettings) -> dict
         ],
         "flagged_images_total": flagged["total"],
         "mean_maps": {str(t): c["mean_map"] for t, c in classes.items()},
-        "examples": {name: combined[name] for name in (*EXTREMES, "flagged_examples")},
+        "examples": {name: combined[name] for name in (*EXTREMES, "flagged_examples")}
+        | sampled["examples"],
+        "strategies": sampled["strategies"],
+        "comparison": sampled["comparison"],
     }
 
 
@@ -594,21 +601,35 @@ class ComputeAudit(beam.PTransform):
 
     Args:
         settings: Thresholds and measuring options; :class:`AuditSettings` defaults when None.
+        baseline: An earlier run's parsed ``audit.json``: the audit then gets a ``drift``
+            section comparing with it (``fullgrad.audit.comparison.with_drift``).
+        baseline_name: Where the baseline came from, recorded in the section.
 
     Example:
         >>> audit = explained | ComputeAudit(AuditSettings())
         >>> audit | beam.Map(write_audit, output_dir)
     """
 
-    def __init__(self, settings: AuditSettings | None = None):
+    def __init__(
+        self,
+        settings: AuditSettings | None = None,
+        baseline: Mapping[str, Any] | None = None,
+        baseline_name: str = "",
+    ):
         super().__init__()
         self._settings = settings or AuditSettings()
+        self._baseline, self._baseline_name = baseline, baseline_name
 
     def expand(self, records):
         settings = self._settings
-        return (
+        audit = (
             records
             | "Statistics" >> beam.Map(with_statistics, settings)
             | "Combine" >> beam.CombineGlobally(AuditCombineFn(settings))
             | "Finalise" >> beam.Map(finalise_audit, settings)
+        )
+        if self._baseline is None:
+            return audit
+        return audit | "Drift" >> beam.Map(
+            with_drift, self._baseline, self._baseline_name, settings
         )

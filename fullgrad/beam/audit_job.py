@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--maps", required=True,
                         help="folder of maps-*.parquet (local, gs://, s3://)")
     parser.add_argument("--output", help="where audit.json and report.html go (default: --maps)")
+    parser.add_argument("--baseline",
+                        help="an earlier run (output folder or audit.json) to compare with: "
+                        "the audit gets a drift section")
+    parser.add_argument("--history",
+                        help="a history folder for scheduled audits: the baseline is its latest "
+                        "run (unless --baseline), and this audit is added to it")
     add_settings_arguments(parser.add_argument_group("audit settings"))
 
 
@@ -71,12 +77,26 @@ class ReadMapRecords(beam.PTransform):
 
 
 def run_audit(
-    maps_dir: str, output_dir: str, settings: AuditSettings, extra: Sequence[str] = ()
+    maps_dir: str,
+    output_dir: str,
+    settings: AuditSettings,
+    extra: Sequence[str] = (),
+    baseline: str | None = None,
+    history: str | None = None,
 ) -> dict[str, str]:
     """Audits the maps under ``maps_dir`` and writes the report into ``output_dir``.
 
+    Args:
+        maps_dir: Folder of ``maps-*.parquet``.
+        output_dir: Where ``audit.json`` and ``report.html`` go.
+        settings: The audit's settings.
+        extra: Beam pipeline flags.
+        baseline: An earlier run's folder or ``audit.json``: adds the drift section.
+        history: A history folder (``fullgrad.beam.history``): its latest run is the baseline
+            unless ``baseline`` is given, and this audit is recorded in it at the end.
+
     Returns:
-        ``{"json": path, "html": path}``.
+        ``{"json": path, "html": path}`` (and ``"history"``: the new pointer, with ``history``).
 
     Raises:
         FileNotFoundError: No ``maps-*.parquet`` under ``maps_dir``.
@@ -94,15 +114,21 @@ def run_audit(
     pattern = maps_dir.rstrip("/") + "/maps-*.parquet"
     if not FileSystems.match([pattern])[0].metadata_list:
         raise FileNotFoundError(f"no maps-*.parquet under {maps_dir}")
+    from fullgrad.beam.history import record_run, resolve_baseline
+
+    old, name = resolve_baseline(baseline, history)
     with beam.Pipeline(options=options) as pipeline:
         _ = (
             pipeline
             | "Maps" >> ReadMapRecords(maps_dir)
-            | "Audit" >> ComputeAudit(settings)
+            | "Audit" >> ComputeAudit(settings, old, name)
             | "Write" >> beam.Map(write_audit, output_dir)
         )
     base = output_dir.rstrip("/")
-    return {"json": f"{base}/audit.json", "html": f"{base}/report.html"}
+    paths: dict[str, Any] = {"json": f"{base}/audit.json", "html": f"{base}/report.html"}
+    if history:
+        paths["history"] = record_run(history, output_dir)
+    return paths
 
 
 def settings_from_flags(argv: Sequence[str]) -> tuple[AuditSettings, list[str]]:
@@ -130,12 +156,16 @@ def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from apache_beam.io.filesystems import FileSystems
 
     try:
-        paths = run_audit(args.maps, args.output or args.maps, settings_from_args(args), extra)
+        paths = run_audit(args.maps, args.output or args.maps, settings_from_args(args), extra,
+                          baseline=args.baseline, history=args.history)
     except (FileNotFoundError, ValueError) as error:
         print(f"fullgrad audit: {error}")
         return 2
     with FileSystems.open(paths["json"]) as handle:
         audit = json.loads(handle.read())
     print(f"{audit['images']} images; flagged classes: {audit['flagged_classes'] or 'none'}")
+    if "drift" in audit:
+        print(f"drift against {audit['drift']['baseline']}: drifted classes: "
+              f"{audit['drift']['drifted_classes'] or 'none'}")
     print(f"report: {paths['html']}")
     return 0

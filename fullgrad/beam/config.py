@@ -192,6 +192,15 @@ class JobConfig:
     )
     audit: bool = _setting(False, help="run the attribution audit in the same pass",
                            group="output")
+    baseline: str | None = _setting(
+        None, help="with --audit: an earlier run (its output folder or audit.json) to compare "
+        "with; the audit gets a drift section", group="output", kfp=False,
+    )
+    history: str | None = _setting(
+        None, help="with --audit: a history folder for scheduled runs; the baseline is its "
+        "latest run (unless --baseline), and this run is added to it", group="output",
+        kfp=False,
+    )
     overwrite: bool = _setting(
         False, help="replace an earlier run's outputs (default: refuse)", group="output",
         kfp=False,  # a Kubeflow task always owns its output folder
@@ -331,6 +340,8 @@ class JobConfig:
             raise ValueError("--map-size must be at least 1")
         if self.min_batch_size is not None and not 1 <= self.min_batch_size <= self.batch_size:
             raise ValueError("--min-batch-size must be between 1 and --batch-size")
+        if (self.baseline or self.history) and not self.audit:
+            raise ValueError("--baseline and --history compare audits: they need --audit")
         if self.overlays < 0:
             raise ValueError("--overlays must be >= 0")
         if self.decode_threads < 0:

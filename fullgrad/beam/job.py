@@ -331,7 +331,13 @@ def prepare_output(config: JobConfig) -> None:
 # -- the pipeline ----------------------------------------------------------------------------
 
 
-def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> JobOutputs:
+def build_pipeline(
+    pipeline: Any,
+    config: JobConfig,
+    *,
+    write: bool = True,
+    baseline: tuple[dict | None, str] | None = None,
+) -> JobOutputs:
     """Adds the job's stages to ``pipeline``: read, explain, and (``write``) every output.
 
     ``config.num_classes`` and ``config.channels`` should be set (``check_model``) so labels
@@ -343,6 +349,8 @@ def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> J
         pipeline: A ``beam.Pipeline``.
         config: The job's settings.
         write: Add the writers; False gives the collections only (for tests and other jobs).
+        baseline: ``(audit.json dict or None, its name)`` for the audit's drift section;
+            None: read from ``config.baseline`` / ``config.history`` now.
 
     Returns:
         A ``JobOutputs`` with the rows, explained records, dead letters and the input count.
@@ -372,11 +380,13 @@ def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> J
     )
     outputs = JobOutputs(rows, explained, dead, input_count, explain.inference_results)
     if write:
-        _add_writers(pipeline, config, outputs)
+        _add_writers(pipeline, config, outputs, baseline)
     return outputs
 
 
-def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
+def _add_writers(
+    pipeline: Any, config: JobConfig, outputs: JobOutputs, baseline: tuple | None = None
+) -> None:
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
@@ -395,7 +405,7 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
     if config.overlays:
         _ = explained | "WriteOverlays" >> io.WriteOverlays(config.output, config.overlays)
     if config.audit:
-        _add_audit(config, explained)
+        _add_audit(config, explained, baseline)
     if config.evaluate:
         from fullgrad.beam.evaluate import EvaluateFaithfulness
 
@@ -433,7 +443,7 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
     )
 
 
-def _add_audit(config: JobConfig, explained: Any) -> None:
+def _add_audit(config: JobConfig, explained: Any, baseline: tuple | None = None) -> None:
     """The ``--audit`` branch: ``ComputeAudit`` over the explained records, then ``write_audit``.
 
     Imported here so that a job without ``--audit`` does not load the report's matplotlib.
@@ -442,12 +452,14 @@ def _add_audit(config: JobConfig, explained: Any) -> None:
 
     from fullgrad.audit.report import write_audit
     from fullgrad.audit.transforms import ComputeAudit
+    from fullgrad.beam.history import resolve_baseline
 
     settings = AuditSettings.from_config(config)
     output, map_kind = config.output, config.map
+    old, name = baseline or resolve_baseline(config.baseline, config.history)
     _ = (
         explained
-        | "Audit" >> ComputeAudit(settings)
+        | "Audit" >> ComputeAudit(settings, old, name)
         | "WriteAudit" >> beam.Map(lambda audit: write_audit({**audit, "map": map_kind}, output))
     )
 
@@ -559,6 +571,8 @@ def run(
     FileSystems.set_options(options)
     config.num_classes, config.channels = check_model(config)
     files = check_input(config)
+    # Read before prepare_output: with --overwrite, the baseline may be this folder's last run.
+    baseline = _baseline(config)
     prepare_output(config)
     with _engine_args(extra, dask) as beam_args:
         if beam_args != list(extra):  # --runner dask: its runner and cluster address
@@ -567,7 +581,7 @@ def run(
         _LOGGER.info("fullgrad: explaining %s (%d files) -> %s", config.input, files,
                      config.output)
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, config)
+        build_pipeline(pipeline, config, baseline=baseline)
         try:
             result = pipeline.run()
             result.wait_until_finish()
@@ -595,4 +609,20 @@ def run(
         _LOGGER.error("fullgrad: counts do not add up: %s", counts)
     with FileSystems.create(FileSystems.join(config.output, "summary.json")) as handle:
         handle.write(json.dumps(summary, indent=1).encode())
+    if config.audit and config.history:
+        from fullgrad.beam.history import record_run
+
+        summary["history"] = record_run(config.history, config.output)
     return summary
+
+
+def _baseline(config: JobConfig) -> tuple[dict | None, str]:
+    """The audit's baseline (``--baseline`` / ``--history``); a missing one is a JobError."""
+    if not config.audit:
+        return None, ""
+    from fullgrad.beam.history import resolve_baseline
+
+    try:
+        return resolve_baseline(config.baseline, config.history)
+    except FileNotFoundError as error:
+        raise JobError(str(error)) from error

@@ -147,6 +147,8 @@ def audit(
     summary: Output[Markdown],
     metrics: Output[Metrics],
     extra_args: list[str] = [],  # noqa: B006 - kfp needs a literal default; never mutated
+    baseline_uri: str = "",
+    history_uri: str = "",
 ):
     """Audits the maps written by ``explain``: per-class evidence of where the model looks.
 
@@ -160,10 +162,16 @@ def audit(
         metrics: Logged: ``mask_energy_class_<k>`` per class (when the data has masks),
             ``border_energy_class_<k>``, ``flagged_classes`` (how many) and ``flagged_images``.
         extra_args: More ``fullgrad audit`` flags (thresholds), one per item.
+        baseline_uri: An earlier run's audit (its folder or audit.json) to compare with; empty:
+            none, or the history's latest run.
+        history_uri: A history folder (gs://, s3://, a path) for scheduled runs: the latest
+            audit recorded there is the baseline (unless baseline_uri), and this audit is
+            recorded there at the end; empty: no history.
     """
     from fullgrad.kfp.tasks import run_audit
 
-    run_audit(maps=maps, report=report, summary=summary, metrics=metrics, extra_args=extra_args)
+    run_audit(maps=maps, report=report, summary=summary, metrics=metrics, extra_args=extra_args,
+              baseline_uri=baseline_uri, history_uri=history_uri)
 
 
 def build_components(image: str | None = None) -> dict[str, dsl.base_component.BaseComponent]:

@@ -79,7 +79,7 @@ def build_pipeline(
     names = [p.name for p in parameters]
 
     def wire(dataset_uri: str, model_uri: str, explain_args: list, audit_args: list,
-             **values: Any) -> None:
+             baseline_uri: str, history_uri: str, **values: Any) -> None:
         images = dsl.importer(
             artifact_uri=dataset_uri, artifact_class=Dataset, reimport=False
         ).set_display_name("dataset")
@@ -98,7 +98,8 @@ def build_pipeline(
         if accelerator_limit > 0:
             explained.set_accelerator_type(accelerator_type)
             explained.set_accelerator_limit(accelerator_limit)
-        audit_op(maps=explained.outputs["maps"], extra_args=audit_args).set_display_name(
+        audit_op(maps=explained.outputs["maps"], extra_args=audit_args, baseline_uri=baseline_uri,
+                 history_uri=history_uri).set_display_name(
             "audit"
         ).set_caching_options(False)
 
@@ -107,12 +108,17 @@ def build_pipeline(
          ("model_uri", "the classifier's .keras / .h5 URI")]
         + [(p.name, p.help) for p in parameters]
         + [("explain_args", "more `fullgrad run` flags or Beam pipeline options"),
-           ("audit_args", "more `fullgrad audit` flags (thresholds)")]
+           ("audit_args", "more `fullgrad audit` flags (thresholds)"),
+           ("baseline_uri", ("an earlier run's audit (folder or audit.json) to compare with; "
+            "empty: none, or the history's latest")),
+           ("history_uri", ("a history folder: each run compares with the latest run recorded "
+            "there and records itself (run-<timestamp>/, latest.json); empty: none"))]
     )
     source = (
         "def explain_audit(dataset_uri: str, model_uri: str, "
         f"{parameter_source(parameters, {'sdk_container_image': image})}, "
-        "explain_args: list[str] = [], audit_args: list[str] = []):\n"
+        "explain_args: list[str] = [], audit_args: list[str] = [], baseline_uri: str = '', "
+        "history_uri: str = ''):\n"
         f'    """FullGrad maps over an image dataset, then the attribution audit.\n\n'
         f'{textwrap.indent(doc, "    ")}\n    """\n'
         "    wire(**locals())\n"

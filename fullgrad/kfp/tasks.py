@@ -400,6 +400,8 @@ def audit_metrics(audit: Mapping[str, Any]) -> dict[str, float]:
             if value is not None:
                 values[f"{key}_class_{label}"] = value
     values["flagged_classes"] = float(len(audit.get("flagged_classes", [])))
+    if audit.get("drift"):
+        values["drifted_classes"] = float(len(audit["drift"].get("drifted_classes", [])))
     # audit.json lists a capped number of flagged images; the total is kept beside the list.
     total = audit.get("flagged_images_total")
     values["flagged_images"] = float(
@@ -465,6 +467,8 @@ def run_audit(
     summary: _Artifact,
     metrics: Any,
     extra_args: Sequence[str] = (),
+    baseline_uri: str = "",
+    history_uri: str = "",
 ) -> dict[str, float]:
     """The audit task: runs the ``fullgrad audit`` pipeline over the maps and files its outputs.
 
@@ -479,6 +483,11 @@ def run_audit(
     ``audit.json`` / ``report.html`` are filed as they are, instead of reading every map again
     in this pod.
 
+    ``baseline_uri`` / ``history_uri`` add the drift section (``fullgrad audit --baseline`` /
+    ``--history``; see ``fullgrad.beam.history``): the maps are then audited here, and with a
+    history this audit is recorded in it once written. The metrics then include
+    ``drifted_classes`` (how many).
+
     Returns:
         The metrics logged.
 
@@ -490,12 +499,15 @@ def run_audit(
     try:
         paths = {"json": os.path.join(maps.path, "audit.json")}
         paths["html"] = os.path.join(maps.path, "report.html")
-        if extra_args or not all(os.path.isfile(p) for p in paths.values()):
+        comparing = bool(baseline_uri or history_uri)
+        if extra_args or comparing or not all(os.path.isfile(p) for p in paths.values()):
             from fullgrad.beam import audit_job
 
             settings, beam_args = audit_job.settings_from_flags(extra_args)
             _LOG.info("fullgrad audit of %s with %s %s", maps.path, settings, beam_args)
-            paths = audit_job.run_audit(maps.path, workdir, settings, beam_args)
+            paths = audit_job.run_audit(maps.path, workdir, settings, beam_args,
+                                        baseline=baseline_uri or None,
+                                        history=history_uri or None)
         else:
             _LOG.info("filing the audit the explain job wrote in its pass: %s", paths["json"])
         with open(paths["json"], encoding="utf-8") as handle:

@@ -181,7 +181,8 @@ def test_settings_are_validated():
 def test_accumulator_size_does_not_grow_with_the_data():
     import pickle
 
-    settings = AuditSettings(examples=4, max_flagged_ids=10)
+    # The strategy sample grows to its capacity, then stays: a capacity the data fills.
+    settings = AuditSettings(examples=4, max_flagged_ids=10, strategy_capacity=40)
     fn = AuditCombineFn(settings)
     sizes = []
     accumulator = fn.create_accumulator()

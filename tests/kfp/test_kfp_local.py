@@ -191,3 +191,37 @@ def _assert_pipeline_outputs(local_kfp: Path) -> None:
     flagged = [row for row in rows[1:] if not row.endswith("| no |")]
     assert values["flagged_classes"] == len(flagged)
     assert values["images"] == 8
+
+
+def test_scheduled_runs_compare_with_the_previous_one(local_kfp, tiny_dataset, tiny_model, tmp_path):
+    """Two runs with one history_uri, as a schedule makes them: the second compares with the
+    first (found through HISTORY/latest.json, no parameter edited) and finds no drift."""
+    from fullgrad.kfp.pipeline import build_pipeline
+
+    history = tmp_path / "history"
+    pipeline = build_pipeline(accelerator_limit=0)
+    arguments = {
+        "dataset_uri": str(tiny_dataset), "model_uri": str(tiny_model), "image_size": 32,
+        "preprocess": "unit", "target": "label", "batch_size": 4,
+        "explain_args": ["--map-size", "16"], "audit_args": ["--min-class-count", "2"],
+        "history_uri": str(history),
+    }
+    pipeline(**arguments)
+    first = json.loads((history / "latest.json").read_text())
+    first_audit = json.loads(Path(first["audit"]).read_text())
+    assert "drift" not in first_audit  # nothing to compare with yet
+    assert first_audit["comparison"]["classes"]["0"]["coarse_map"] is not None
+
+    pipeline(**arguments)
+    second = json.loads((history / "latest.json").read_text())
+    assert second["run"] != first["run"]
+    assert sorted(p.name for p in history.iterdir()) == sorted(
+        ["latest.json", Path(first["run"]).name, Path(second["run"]).name])
+    audit = json.loads(Path(second["audit"]).read_text())
+    drift = audit["drift"]
+    assert drift["baseline"] == first["audit"]
+    assert sorted(drift["classes"]) == ["0", "1", "2"]
+    # The same model over the same images: the same maps, so no class drifts.
+    assert drift["drifted_classes"] == []
+    assert all(c["map_distance"] == pytest.approx(0.0, abs=1e-9) for c in drift["classes"].values())
+    assert "Drift against the baseline" in Path(second["report"]).read_text()
