@@ -85,12 +85,15 @@ class JobOutputs:
         explained: Explained records (the shared contract; see ``ExplainRows``).
         dead_letters: ``{"id", "stage", "error"}`` from every stage.
         input_count: A singleton: rows read plus read dead letters.
+        class_names: A singleton ``{"class_names", "source"}`` from the reader
+            (``fullgrad.beam.io.ReadRows``).
     """
 
     rows: Any
     explained: Any
     dead_letters: Any
     input_count: Any
+    class_names: Any = None
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -331,7 +334,7 @@ def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> J
     from fullgrad.beam import io
     from fullgrad.beam.transforms import ExplainRows, count_failure
 
-    rows, read_dead = pipeline | "Read" >> io.ReadRows(config)
+    rows, read_dead, class_names = pipeline | "Read" >> io.ReadRows(config)
     explained, explain_dead = rows | "Explain" >> ExplainRows(config)
     dead = (
         (read_dead, explain_dead)
@@ -344,7 +347,7 @@ def build_pipeline(pipeline: Any, config: JobConfig, *, write: bool = True) -> J
         | "Inputs" >> beam.Flatten()
         | "SumInputs" >> beam.CombineGlobally(sum)
     )
-    outputs = JobOutputs(rows, explained, dead, input_count)
+    outputs = JobOutputs(rows, explained, dead, input_count, class_names)
     if write:
         _add_writers(pipeline, config, outputs)
     return outputs
@@ -369,7 +372,7 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
     if config.overlays:
         _ = explained | "WriteOverlays" >> io.WriteOverlays(config.output, config.overlays)
     if config.audit:
-        _add_audit(config, explained)
+        _add_audit(config, explained, outputs.class_names)
 
     count = beam.combiners.Count.Globally
     explained_count = explained | "CountExplained" >> count()
@@ -382,9 +385,12 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
     )
     path = FileSystems.join(config.output, "counts.json")
 
-    def write_counts(_: Any, inputs: int, explained_n: int, failed_n: int, stages: dict) -> None:
+    def write_counts(
+        _: Any, inputs: int, explained_n: int, failed_n: int, stages: dict, names: dict
+    ) -> None:
         counts = {"input": inputs, "explained": explained_n, "failed": failed_n,
-                  "failed_by_stage": dict(sorted(stages.items()))}
+                  "failed_by_stage": dict(sorted(stages.items())),
+                  "class_names": names["class_names"], "class_names_from": names["source"]}
         with FileSystems.create(path) as handle:
             handle.write(json.dumps(counts).encode())
 
@@ -399,11 +405,12 @@ def _add_writers(pipeline: Any, config: JobConfig, outputs: JobOutputs) -> None:
             side(explained_count),
             side(failed_count),
             side(by_stage),
+            side(outputs.class_names),
         )
     )
 
 
-def _add_audit(config: JobConfig, explained: Any) -> None:
+def _add_audit(config: JobConfig, explained: Any, class_names: Any) -> None:
     """The ``--audit`` branch: ``ComputeAudit`` over the explained records, then ``write_audit``.
 
     Imported here so that a job without ``--audit`` does not load the report's matplotlib.
@@ -418,8 +425,25 @@ def _add_audit(config: JobConfig, explained: Any) -> None:
     _ = (
         explained
         | "Audit" >> ComputeAudit(settings)
+        | "NameClasses" >> beam.Map(_with_class_names, settings,
+                                    beam.pvalue.AsSingleton(class_names))
         | "WriteAudit" >> beam.Map(lambda audit: write_audit(audit, output))
     )
+
+
+def _with_class_names(audit: dict, settings: AuditSettings, found: dict) -> dict:
+    """The audit with the data's class names, unless ``--audit-class-names`` gave some.
+
+    Precedence of class names in the audit and the report: ``--audit-class-names``, then what
+    the reader found (``--class-names``, Hugging Face ``ClassLabel`` names, class folders).
+    """
+    if settings.class_names or not found or not found.get("class_names"):
+        return audit
+    named = dataclasses.replace(settings, class_names=tuple(found["class_names"]))
+    audit["settings"] = named.as_dict()
+    for key, entry in audit["classes"].items():
+        entry["name"] = named.class_name(int(key))
+    return audit
 
 
 def job_metrics(result: Any) -> dict[str, Any]:
