@@ -201,7 +201,8 @@ class _ReadParquetRowGroup(beam.DoFn):
     """Reads one row group in small batches; rows missing a required column are dead letters.
 
     The id column is required only when named (``--id-column``); without it a row's id is
-    ``<file name>#<row>``, the same on every rerun.
+    ``<file name>#<row>``, the same on every rerun. In a Hugging Face ``ClassLabel`` column,
+    -1 (no label) becomes None.
     """
 
     def __init__(self, columns: Columns, id_required: bool) -> None:
@@ -220,6 +221,9 @@ class _ReadParquetRowGroup(beam.DoFn):
             missing = [c for c in required if c not in present]
             optional = [c for c in (names.label, names.mask) if c in present]
             has_id = names.id in present
+            # Hugging Face marks an unlabelled row of a ClassLabel column with -1.
+            unlabelled = -1 if huggingface_class_names(
+                parquet.schema_arrow.metadata, names.label) else None
             # With a required column missing, only the ids are read: each row is a dead letter.
             wanted = [names.id] if has_id else []
             if not missing:
@@ -262,6 +266,8 @@ class _ReadParquetRowGroup(beam.DoFn):
                         )
                         continue
                     label = values[names.label][offset] if names.label in values else None
+                    if label is not None and label == unlabelled:
+                        label = None
                     yield {
                         "id": str(record_id),
                         "image": image,
@@ -273,7 +279,7 @@ class _ReadParquetRowGroup(beam.DoFn):
 
 
 class _ReadTFRecordFile(beam.DoFn):
-    """Per matched file: ``(path, serialized record)`` pairs, in order.
+    """Per matched file: ``(path, index, serialized record)``, in order.
 
     Beam's own framing and CRC checks (``_TFRecordUtil``, what ``ReadFromTFRecord`` uses) read
     each record; gzip is detected from the extension. When the framing breaks (a bad CRC, a
@@ -290,7 +296,7 @@ class _ReadTFRecordFile(beam.DoFn):
         try:
             with readable.open(mime_type="application/octet-stream") as handle:
                 while (serialized := _TFRecordUtil.read_record(handle)) is not None:
-                    yield (path, serialized)
+                    yield (path, count, serialized)
                     count += 1
         except (ValueError, EOFError, zlib.error) as error:
             # Broken framing or compression is data, not a crash. An I/O error (OSError) is not
@@ -307,17 +313,22 @@ class _ReadTFRecordFile(beam.DoFn):
 
 
 class _ParseExample(beam.DoFn):
-    """``(file, serialized tf.train.Example)`` -> a row, or a dead letter at stage read."""
+    """``(file, index, serialized tf.train.Example)`` -> a row, or a dead letter at stage read.
 
-    def __init__(self, columns: Columns) -> None:
+    The id key is required only when named (``--id-column``); without it a record's id is
+    ``<file name>#<record index>``, the same on every rerun.
+    """
+
+    def __init__(self, columns: Columns, id_required: bool) -> None:
         self._columns = columns
+        self._id_required = id_required
 
-    def process(self, element: tuple[str, bytes]) -> Iterator[Any]:
+    def process(self, element: tuple[str, int, bytes]) -> Iterator[Any]:
         from tensorflow.core.example import example_pb2
 
-        path, serialized = element
+        path, index, serialized = element
         names = self._columns
-        fallback_id = f"{os.path.basename(path)}#sha1:{hashlib.sha1(serialized).hexdigest()[:16]}"
+        fallback_id = f"{os.path.basename(path)}#{index}"
         try:
             example = example_pb2.Example.FromString(serialized)
         except Exception as error:  # noqa: BLE001
@@ -326,8 +337,11 @@ class _ParseExample(beam.DoFn):
             )
             return
         features = example.features.feature
-        missing = [key for key in (names.id, names.image) if key not in features]
+        required = (names.id, names.image) if self._id_required else (names.image,)
+        missing = [key for key in required if key not in features]
         record_id = _first_value(features[names.id]) if names.id in features else None
+        if record_id is None and names.id not in features and not self._id_required:
+            record_id = fallback_id
         if isinstance(record_id, bytes):
             record_id = record_id.decode("utf-8", "replace")
         if missing or record_id is None:
@@ -448,7 +462,7 @@ class ReadRows(beam.PTransform):
             | "ReadRecords" >> beam.ParDo(_ReadTFRecordFile()).with_outputs("dead", main="records")
         )
         parsed = records.records | "Parse" >> beam.ParDo(
-            _ParseExample(config.columns())
+            _ParseExample(config.columns(), config.id_column is not None)
         ).with_outputs("dead", main="rows")
         dead = (records.dead, parsed.dead) | "ReadDead" >> beam.Flatten()
         return parsed.rows, dead, names

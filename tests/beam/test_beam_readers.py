@@ -120,14 +120,19 @@ def test_an_absolute_image_path_and_a_named_id_column_that_is_missing(model_path
 
     data = copy_hf(str(tmp_path / "hf"))
     image = os.path.join(data, "images", "000.png")
-    table = pa.table({"image": [{"bytes": None, "path": image}], "label": [1]})
-    pq.write_table(table, str(tmp_path / "abs.parquet"))
+    # Hugging Face's ClassLabel metadata, where -1 means "no label".
+    metadata = pq.read_schema(os.path.join(data, "embedded.parquet")).metadata
+    table = pa.table({"image": [{"bytes": None, "path": image}] * 2, "label": [1, -1]})
+    pq.write_table(table.replace_schema_metadata(metadata), str(tmp_path / "abs.parquet"))
     output = str(tmp_path / "out")
-    job.run(config(str(tmp_path / "abs.parquet"), output, model_path))
-    check_outputs(*read_output(output), {"abs.parquet#0": 1}, {})
+    job.run(config(str(tmp_path / "abs.parquet"), output, model_path, target="predicted"))
+    maps, dead = read_output(output)
+    assert maps.column("label").to_pylist() == [1, None] and dead.num_rows == 0
+    assert maps.column("id").to_pylist() == ["abs.parquet#0", "abs.parquet#1"]
     output = str(tmp_path / "named")
     job.run(config(str(tmp_path / "abs.parquet"), output, model_path, id_column="key"))
-    check_outputs(*read_output(output), {}, {"abs.parquet#0": ("read", "missing column(s)")})
+    check_outputs(*read_output(output), {}, {"abs.parquet#0": ("read", "missing column(s)"),
+                                            "abs.parquet#1": ("read", "missing column(s)")})
 
 
 def test_webdataset_shards_with_a_corrupt_image_and_a_truncated_shard(model_path, tmp_path):
@@ -162,3 +167,15 @@ def test_formats_prefixes_keys_and_metadata():
     with pytest.raises(ValueError, match="repeats"):
         JobConfig(input="t/*/*.png", model="m", output="o", class_names="a,b,a")
     assert set(FOLDER_FILES) == set(FOLDERS_EXPECTED)
+
+
+def test_tfrecord_without_an_id_key_gets_file_and_record_ids(model_path, tmp_path):
+    from beamdata import good_rows, write_tfrecord
+
+    rows = good_rows(3)
+    keys = {"image": "image/encoded", "label": "image/class/label"}
+    write_tfrecord(str(tmp_path / "train.tfrecord"), rows, keys=keys)
+    output = str(tmp_path / "out")
+    job.run(config(str(tmp_path / "train.tfrecord"), output, model_path))
+    check_outputs(*read_output(output), {f"train.tfrecord#{i}": rows[i]["label"] for i in range(3)},
+                  {})
