@@ -75,6 +75,10 @@ def run_audit(
 ) -> dict[str, str]:
     """Audits the maps under ``maps_dir`` and writes the report into ``output_dir``.
 
+    Without ``settings.class_names``, the class names the job found in its data (its
+    ``summary.json`` in ``maps_dir``: ``--class-names``, Hugging Face metadata, class folders)
+    name the classes.
+
     Returns:
         ``{"json": path, "html": path}``.
 
@@ -94,6 +98,8 @@ def run_audit(
     pattern = maps_dir.rstrip("/") + "/maps-*.parquet"
     if not FileSystems.match([pattern])[0].metadata_list:
         raise FileNotFoundError(f"no maps-*.parquet under {maps_dir}")
+    if not settings.class_names:
+        settings = _with_run_class_names(maps_dir, settings)
     with beam.Pipeline(options=options) as pipeline:
         _ = (
             pipeline
@@ -103,6 +109,22 @@ def run_audit(
         )
     base = output_dir.rstrip("/")
     return {"json": f"{base}/audit.json", "html": f"{base}/report.html"}
+
+
+def _with_run_class_names(maps_dir: str, settings: AuditSettings) -> AuditSettings:
+    """``settings`` with the class names the job found in its data (its ``summary.json``)."""
+    import dataclasses
+    import json
+
+    from apache_beam.io.filesystems import FileSystems
+
+    path = maps_dir.rstrip("/") + "/summary.json"
+    try:
+        with FileSystems.open(path) as handle:
+            names = json.loads(handle.read()).get("class_names")
+    except Exception:  # noqa: BLE001 -- maps without a summary (copied, older): no names
+        return settings
+    return dataclasses.replace(settings, class_names=tuple(names)) if names else settings
 
 
 def settings_from_flags(argv: Sequence[str]) -> tuple[AuditSettings, list[str]]:

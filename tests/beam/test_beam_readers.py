@@ -26,7 +26,9 @@ from readerdata import (
     write_class_folders,
 )
 
+from fullgrad.audit.settings import AuditSettings
 from fullgrad.beam import job
+from fullgrad.beam.audit_job import run_audit
 from fullgrad.beam.config import JobConfig, format_of
 from fullgrad.beam.io import huggingface_class_names
 from fullgrad.beam.io_images import fixed_prefix, relative_id
@@ -87,6 +89,10 @@ def test_class_names_fix_the_order_and_labels_none_turns_labels_off(folders, mod
                   {"bee/0.jpg": ("read", "not among the class names"),
                    "cow/2.png": ("decode", "corrupt")})
     check_summary(output, 2, 2, ["cow", "bat", "ant"], "--class-names")
+    # `fullgrad audit` over the maps names the classes from the run's summary.json.
+    paths = run_audit(output, str(tmp_path / "audit"), AuditSettings())
+    with open(paths["json"]) as handle:
+        assert json.load(handle)["classes"]["2"]["name"] == "2 (ant)"
 
     output = str(tmp_path / "unlabelled")
     job.run(config(f"{folder}/*/*.png", output, model_path, labels="none", target="predicted"))
