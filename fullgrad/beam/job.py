@@ -440,10 +440,12 @@ def _with_class_names(audit: dict, settings: AuditSettings, found: dict) -> dict
     if settings.class_names or not found or not found.get("class_names"):
         return audit
     named = dataclasses.replace(settings, class_names=tuple(found["class_names"]))
-    audit["settings"] = named.as_dict()
-    for key, entry in audit["classes"].items():
-        entry["name"] = named.class_name(int(key))
-    return audit
+    classes = {
+        key: {**entry, "name": named.class_name(int(key))}
+        for key, entry in audit["classes"].items()
+    }
+    # A new dict: Beam elements are not modified in place.
+    return {**audit, "settings": named.as_dict(), "classes": classes}
 
 
 def job_metrics(result: Any) -> dict[str, Any]:
