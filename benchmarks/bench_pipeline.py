@@ -16,6 +16,10 @@ Prints two ratios, measured side by side in one run on the same model and batch 
 2. memory: peak RSS of the job over 4N images / over N images. Target <= 1.15: memory does not
    grow with the data.
 
+Each ratio is measured per input layout (``--layout``): ``parquet`` (PNGs in Parquet files of
+128 rows) and ``folders`` (the same PNGs as files in 10 class folders, ``--format images``, one
+file per element). The engine is always timed on the same images, decoded from Parquet.
+
 A shared machine's load drifts, so the throughput is paired: each throughput subprocess times
 the engine, runs the job and times the engine again, in the same process and minutes; the ratio
 uses the engine's mean over those timings. The same is done with CPU seconds for the marginal
@@ -30,6 +34,7 @@ earlier run's ``audit.json``, made first by a job over the N images): peak RSS o
 
 Example:
     $ python benchmarks/bench_pipeline.py --images 256 --image-size 96 --batch-size 32
+    $ python benchmarks/bench_pipeline.py --layout folders
     $ python benchmarks/bench_pipeline.py --audit-baseline --images 256
 """
 
@@ -66,8 +71,13 @@ def build_model(size: int, classes: int = 10):
     return keras.Model(inputs, keras.layers.Dense(classes, activation="softmax")(x))
 
 
-def write_dataset(folder: str, count: int, size: int, seed: int = 0) -> None:
-    """``count`` PNGs (smooth random pictures at ``size``) in Parquet files of 128 rows."""
+LAYOUTS = {"parquet": "*.parquet", "folders": "*/*.png"}
+
+
+def write_dataset(folder: str, count: int, size: int, seed: int = 0,
+                  layout: str = "parquet") -> None:
+    """``count`` PNGs (smooth random pictures at ``size``) in Parquet files of 128 rows, or
+    (``layout="folders"``) as files in 10 class folders; the same pictures either way."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -83,7 +93,13 @@ def write_dataset(folder: str, count: int, size: int, seed: int = 0) -> None:
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
             rows.append({"id": f"img-{index:07d}", "image": buffer.getvalue()})
-        pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, f"part-{start:07d}.parquet"))
+            if layout == "folders":
+                path = os.path.join(folder, f"class-{index % 10}", f"img-{index:07d}.png")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as handle:
+                    handle.write(buffer.getvalue())
+        if layout == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, f"part-{start:07d}.parquet"))
 
 
 def _child(argv: list[str]) -> dict:
@@ -142,7 +158,7 @@ class _ProgressClock(logging.Handler):
             self.points.append((record.created, int(record.args[0])))
 
 
-def _job(model: str, data: str, size: int, batch: int, output: str,
+def _job(model: str, data: str, size: int, batch: int, output: str, layout: str = "parquet",
          baseline: str | None = None) -> dict:
     """The whole job, in this process (the default in-memory local runner).
 
@@ -158,7 +174,7 @@ def _job(model: str, data: str, size: int, batch: int, output: str,
     progress.setLevel(logging.INFO)
     progress.addHandler(clock)
     config = JobConfig(
-        input=os.path.join(data, "*.parquet"), model=model, output=output, image_size=size,
+        input=os.path.join(data, LAYOUTS[layout]), model=model, output=output, image_size=size,
         preprocess="unit", batch_size=batch, map_size=size // 4, map_dtype="uint8",
         progress_every=2 * batch, overwrite=True,
         audit=baseline is not None, baseline=baseline or None,
@@ -175,7 +191,7 @@ def _job(model: str, data: str, size: int, batch: int, output: str,
 
 
 def child(kind: str, model: str, data: str, size: int, batch: int, output: str,
-          engine_data: str) -> dict:
+          engine_data: str, layout: str) -> dict:
     """``memory``: the job only, with its peak RSS; ``paired``: engine, job, engine;
     ``memory-audit``: the job with ``--audit --baseline engine_data`` (a folder with an
     ``audit.json``), with its peak RSS."""
@@ -185,9 +201,10 @@ def child(kind: str, model: str, data: str, size: int, batch: int, output: str,
 
         reset_peak_rss()  # else the child reports its parent's peak (kept across fork+exec)
         baseline = engine_data if kind == "memory-audit" else None
-        return {**_job(model, data, size, batch, output, baseline), "peak_rss_mb": peak_rss_mb()}
+        return {**_job(model, data, size, batch, output, layout, baseline),
+                "peak_rss_mb": peak_rss_mb()}
     before = _engine_timing(model, engine_data, size, batch)
-    result = _job(model, data, size, batch, output)
+    result = _job(model, data, size, batch, output, layout)
     after = _engine_timing(model, engine_data, size, batch)
     return {**result, "engine": [before, after]}
 
@@ -216,36 +233,59 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="N / 4N pairs; the median counts")
+    parser.add_argument("--layout", default="parquet,folders",
+                        help=f"comma-separated input layouts among {sorted(LAYOUTS)}")
     parser.add_argument("--audit-baseline", action="store_true",
                         help="only the memory ratio, of the job with --audit --baseline")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, model, data, size, batch, output, engine_data = args.child
-        print(json.dumps(child(kind, model, data, int(size), int(batch), output, engine_data)))
+        kind, model, data, size, batch, output, engine_data, layout = args.child
+        print(json.dumps(child(kind, model, data, int(size), int(batch), output, engine_data,
+                               layout)))
         return 0
+    layouts = [name.strip() for name in args.layout.split(",") if name.strip()]
+    if not layouts or set(layouts) - set(LAYOUTS):
+        parser.error(f"--layout: choose among {sorted(LAYOUTS)}")
 
     work = tempfile.mkdtemp(prefix="fullgrad-bench-")
     model = os.path.join(work, "model.keras")
     build_model(args.image_size).save(model)
-    small, large = os.path.join(work, "data-1x"), os.path.join(work, "data-4x")
-    write_dataset(small, args.images, args.image_size)
-    write_dataset(large, 4 * args.images, args.image_size)
+    engine_data = os.path.join(work, "engine-data")
+    write_dataset(engine_data, args.images, args.image_size)
     common = [str(args.image_size), str(args.batch_size)]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import machine_line
+
+    print(machine_line())
+    print(f"model: {args.image_size}x{args.image_size} VGG-like CNN, batch {args.batch_size}, "
+          f"N = {args.images}, cpus = {os.cpu_count()}, {max(1, args.repeats)} repeats")
+    for layout in layouts:
+        _measure(args, work, model, engine_data, common, layout)
+    return 0
+
+
+def _measure(args: argparse.Namespace, work: str, model: str, engine_data: str,
+             common: list[str], layout: str) -> None:
+    """Writes the N and 4N datasets in ``layout``, runs the pairs and prints both ratios."""
+    small = os.path.join(work, f"{layout}-1x")
+    large = os.path.join(work, f"{layout}-4x")
+    write_dataset(small, args.images, args.image_size, layout=layout)
+    write_dataset(large, 4 * args.images, args.image_size, layout=layout)
 
     def run_child(kind: str, name: str, data: str) -> dict:
-        out = os.path.join(work, f"out-{kind}-{name}")
-        return _child([kind, model, data, *common, out, small])
+        out = os.path.join(work, f"out-{layout}-{kind}-{name}")
+        return _child([kind, model, data, *common, out, engine_data, layout])
 
     if args.audit_baseline:
-        return audit_memory(work, model, small, large, common, args.images)
+        audit_memory(work, model, small, large, common, args.images, layout)
+        return
 
     pairs = [_throughput(run_child("paired", "1x", small), run_child("paired", "4x", large))
              for _ in range(max(1, args.repeats))]
     memory_1x, memory_4x = run_child("memory", "1x", small), run_child("memory", "4x", large)
 
-    print(f"model: {args.image_size}x{args.image_size} VGG-like CNN, batch {args.batch_size}, "
-          f"N = {args.images}, cpus = {os.cpu_count()}, {len(pairs)} repeats")
+    print(f"== layout {layout} ({LAYOUTS[layout]})")
     for index, pair in enumerate(pairs, 1):
         print(f"repeat {index}: engine {pair['engine']:6.1f} images/s; job in-stream "
               f"{pair['in_stream']:6.1f}, marginal {pair['marginal']:6.1f} images/s "
@@ -262,24 +302,23 @@ def main() -> int:
     print(f"  whole 4N run with model load, tracing and pipeline start: {median('ratio_whole')}")
     rss_1x, rss_4x = memory_1x["peak_rss_mb"], memory_4x["peak_rss_mb"]
     print(f"peak RSS: N {rss_1x:.0f} MB, 4N {rss_4x:.0f} MB")
-    print(f"memory ratio (4N / N): {rss_4x / rss_1x:.3f}  target <= 1.15")
-    return 0
+    print(f"memory ratio (4N / N): {rss_4x / rss_1x:.3f}  target <= 1.15", flush=True)
 
 
 def audit_memory(work: str, model: str, small: str, large: str, common: list[str],
-                 images: int) -> int:
+                 images: int, layout: str) -> None:
     """Peak RSS of the job with ``--audit --baseline`` over 4N images / over N images."""
     import shutil
 
     baseline = os.path.join(work, "baseline")
     # The baseline: an audited run over the N images (its audit.json is what --baseline reads).
-    _child(["memory-audit", model, small, *common, baseline, ""])
+    _child(["memory-audit", model, small, *common, baseline, "", layout])
     os.remove(os.path.join(baseline, "summary.json"))  # only its audit is kept as a baseline
     kept = os.path.join(work, "baseline-audit")
     os.makedirs(kept)
     shutil.copy(os.path.join(baseline, "audit.json"), kept)
     runs = {name: _child(["memory-audit", model, data, *common,
-                          os.path.join(work, f"out-audit-{name}"), kept])
+                          os.path.join(work, f"out-audit-{name}"), kept, layout])
             for name, data in (("1x", small), ("4x", large))}
     for name, result in runs.items():
         with open(os.path.join(work, f"out-audit-{name}", "audit.json")) as handle:
@@ -289,7 +328,6 @@ def audit_memory(work: str, model: str, small: str, large: str, common: list[str
     rss_1x, rss_4x = runs["1x"]["peak_rss_mb"], runs["4x"]["peak_rss_mb"]
     print(f"--audit --baseline: N = {images}, peak RSS: N {rss_1x:.0f} MB, 4N {rss_4x:.0f} MB")
     print(f"memory ratio (4N / N): {rss_4x / rss_1x:.3f}  target <= 1.15")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Every function raises ``ImageError`` (a ``ValueError``) with a message a person can act on, so
 the Beam job can turn a bad image into a dead letter instead of a crashed worker:
 
-- encoded images must be PNG or JPEG; anything else is "unsupported", empty bytes are "empty";
+- encoded images must be PNG, JPEG, WebP, BMP or TIFF; anything else is "unsupported", empty
+  bytes are "empty";
 - the pixel count is checked from the header, before any pixel is decoded, against
   ``max_pixels``: a small file that inflates to gigabytes (a decompression bomb) is refused;
 - grayscale, palette, 16-bit and RGBA images are converted to RGB (alpha is dropped);
@@ -50,15 +51,16 @@ PREPROCESS_MODES = ("none", "unit", "tf", "caffe", "torch")
 #: JPEG quality of the thumbnails stored beside each map.
 THUMBNAIL_QUALITY = 90
 
-_FORMATS = ("PNG", "JPEG")
+_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+#: Signatures of the formats read (WebP aside: ``RIFF....WEBP``); Pillow is only ever handed
+#: data that starts with one.
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8": "JPEG", b"BM": "BMP",
+               b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 # Signatures of formats we refuse, so the error names what was found rather than "corrupt".
 _OTHER_SIGNATURES = {
     b"GIF87a": "GIF",
     b"GIF89a": "GIF",
-    b"BM": "BMP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-    b"RIFF": "RIFF/WebP",
+    b"RIFF": "RIFF (not WebP)",
     b"\x00\x00\x01\x00": "ICO",
     b"%PDF": "PDF",
 }
@@ -72,12 +74,16 @@ def _open(data: bytes, max_pixels: int, what: str) -> Image.Image:
     if data is None or len(data) == 0:
         raise ImageError(f"empty {what} bytes")
     data = bytes(data)
-    if not (data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8"))):
+    webp = data.startswith(b"RIFF") and data[8:12] == b"WEBP"
+    if not (webp or data.startswith(tuple(_SIGNATURES))):
         found = next((name for sig, name in _OTHER_SIGNATURES.items() if data.startswith(sig)), None)
         if found:
-            raise ImageError(f"unsupported {what} format {found}: only PNG and JPEG are read")
+            raise ImageError(
+                f"unsupported {what} format {found}: only PNG, JPEG, WebP, BMP and TIFF are read"
+            )
         raise ImageError(
-            f"unsupported or corrupt {what}: not PNG or JPEG (first bytes {data[:8]!r})"
+            f"unsupported or corrupt {what}: not PNG, JPEG, WebP, BMP or TIFF "
+            f"(first bytes {data[:8]!r})"
         )
     try:
         # Opening reads the header only; the pixel check below runs before decoding.
@@ -85,7 +91,7 @@ def _open(data: bytes, max_pixels: int, what: str) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise ImageError(f"{what} refused as a decompression bomb: {error}") from error
     except Exception as error:  # UnidentifiedImageError names a BytesIO object: say more
-        kind = "PNG" if data.startswith(b"\x89PNG") else "JPEG"
+        kind = next((name for sig, name in _SIGNATURES.items() if data.startswith(sig)), "WebP")
         raise ImageError(
             f"corrupt {what}: has a {kind} signature but its header cannot be parsed "
             f"({type(error).__name__})"
@@ -121,7 +127,7 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     channels: int = 3,
 ) -> np.ndarray:
-    """Decodes PNG/JPEG bytes to ``channels`` channels, resized to ``size``.
+    """Decodes PNG/JPEG/WebP/BMP/TIFF bytes to ``channels`` channels, resized to ``size``.
 
     Args:
         data: The encoded image.

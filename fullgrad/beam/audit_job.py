@@ -95,6 +95,10 @@ def run_audit(
         history: A history folder (``fullgrad.beam.history``): its latest run is the baseline
             unless ``baseline`` is given, and this audit is recorded in it at the end.
 
+    Without ``settings.class_names``, the class names the job found in its data (its
+    ``summary.json`` in ``maps_dir``: ``--class-names``, Hugging Face metadata, class folders)
+    name the classes.
+
     Returns:
         ``{"json": path, "html": path}`` (and ``"history"``: the new pointer, with ``history``).
 
@@ -117,6 +121,8 @@ def run_audit(
     from fullgrad.beam.history import record_run, resolve_baseline
 
     old, name = resolve_baseline(baseline, history)
+    if not settings.class_names:
+        settings = _with_run_class_names(maps_dir, settings)
     with beam.Pipeline(options=options) as pipeline:
         _ = (
             pipeline
@@ -129,6 +135,22 @@ def run_audit(
     if history:
         paths["history"] = record_run(history, output_dir)
     return paths
+
+
+def _with_run_class_names(maps_dir: str, settings: AuditSettings) -> AuditSettings:
+    """``settings`` with the class names the job found in its data (its ``summary.json``)."""
+    import dataclasses
+    import json
+
+    from apache_beam.io.filesystems import FileSystems
+
+    path = maps_dir.rstrip("/") + "/summary.json"
+    try:
+        with FileSystems.open(path) as handle:
+            names = json.loads(handle.read()).get("class_names")
+    except Exception:  # noqa: BLE001 -- maps without a summary (copied, older): no names
+        return settings
+    return dataclasses.replace(settings, class_names=tuple(names)) if names else settings
 
 
 def settings_from_flags(argv: Sequence[str]) -> tuple[AuditSettings, list[str]]:

@@ -24,6 +24,8 @@ from fullgrad.variants import DEFAULT_SMOOTH_NOISE, DEFAULT_SMOOTH_SAMPLES, MAP_
 
 __all__ = [
     "FORMATS",
+    "IMAGE_EXTENSIONS",
+    "LABEL_SOURCES",
     "PARQUET_COLUMNS",
     "TFRECORD_KEYS",
     "Columns",
@@ -39,21 +41,30 @@ __all__ = [
     "settings_fields",
 ]
 
-FORMATS = ("parquet", "tfrecord")
+FORMATS = ("parquet", "tfrecord", "images", "webdataset")
+#: Image file extensions read by ``--format images`` (and inside WebDataset shards).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 #: Extensions (after an optional ``.gz``) that tell an input's format.
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".tfrecord": "tfrecord",
-               ".tfrecords": "tfrecord", ".tfr": "tfrecord"}
+               ".tfrecords": "tfrecord", ".tfr": "tfrecord", ".tar": "webdataset",
+               **dict.fromkeys(IMAGE_EXTENSIONS, "images")}
+#: ``--labels`` values: labels from class folders, or none.
+LABEL_SOURCES = ("folders", "none")
 
 
 def format_of(path: str) -> str | None:
     """The input format a file name or glob implies, or None.
 
     ``.parquet``/``.pq`` are Parquet; ``.tfrecord``/``.tfrecords``/``.tfr``, also gzipped
-    (``.gz``) or sharded (``data.tfrecord-00000-of-00008``), are TFRecord.
+    (``.gz``) or sharded (``data.tfrecord-00000-of-00008``), are TFRecord; ``.tar`` (also
+    ``.tar.gz``) is WebDataset; an image extension (:data:`IMAGE_EXTENSIONS`, any case) is
+    ``images``, one file per image.
 
     Example:
         >>> format_of("gs://b/train-*.tfrecords.gz"), format_of("a/part-0.parquet")
         ('tfrecord', 'parquet')
+        >>> format_of("gs://b/train/*/*.JPG"), format_of("shards/train-{0..9}.tar")
+        ('images', 'webdataset')
     """
     found = _extension_of(path)
     return _EXTENSIONS[found[1]] if found else None
@@ -221,6 +232,16 @@ class JobConfig:
     mask_column: str | None = _setting(
         None, help="object-mask PNG column / key (default mask | image/mask)", group="data"
     )
+    class_names: str | None = _setting(
+        None, help="comma-separated class names in label order; with --format images the "
+        "class folders' names, fixing their labels (default: the sorted folder names)",
+        group="data",
+    )
+    labels: str | None = _setting(
+        None, help="--format images: label each image by its class folder, or not (default: "
+        "folders when the glob has a wildcard folder level)", group="data",
+        choices=LABEL_SOURCES,
+    )
     safe_mode: bool = _setting(
         True, help="load the model in Keras safe_mode; the flag --unsafe-model turns it off "
         "(only for files you trust)", group="model", flag="--unsafe-model",
@@ -283,7 +304,7 @@ class JobConfig:
         self.validate()
 
     def resolved_format(self) -> str:
-        """``parquet`` or ``tfrecord``: the ``format`` field, else the input's extension.
+        """One of :data:`FORMATS`: the ``format`` field, else the input's extension.
 
         Raises:
             ValueError: No format given and the extension says nothing.
@@ -297,7 +318,30 @@ class JobConfig:
             return found
         raise ValueError(
             f"cannot tell the format of {self.input!r} from its extension; "
-            "pass --format parquet|tfrecord"
+            f"pass --format {'|'.join(FORMATS)}"
+        )
+
+    def class_name_list(self) -> list[str] | None:
+        """``--class-names`` as a list (blanks dropped), or None when not given."""
+        if not self.class_names:
+            return None
+        return [name.strip() for name in self.class_names.split(",") if name.strip()]
+
+    def folder_labels(self) -> bool:
+        """Whether ``--format images`` labels images by their class folder.
+
+        ``--labels`` when given; else True when a glob of ``--input`` has a wildcard in a
+        folder level (``train/*/*.jpg``), as each image's folder then names its class.
+
+        Example:
+            >>> JobConfig(input="train/*/*.jpg", model="m.keras", output="o").folder_labels()
+            True
+        """
+        if self.labels:
+            return self.labels == "folders"
+        return any(
+            any(char in "*?[" for char in pattern.strip().rsplit("/", 1)[0])
+            for pattern in self.input.split(",") if "/" in pattern.strip()
         )
 
     def columns(self) -> Columns:
@@ -354,6 +398,11 @@ class JobConfig:
             raise ValueError("--smooth-noise must be >= 0")
         if self.evaluate_images < 1 or self.evaluate_batch_size < 1:
             raise ValueError("--evaluate-images and --evaluate-batch-size must be at least 1")
+        if self.labels is not None and self.labels not in LABEL_SOURCES:
+            raise ValueError(f"--labels must be one of {LABEL_SOURCES}, not {self.labels!r}")
+        names = self.class_name_list()
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError(f"--class-names repeats a name: {self.class_names!r}")
         if not isinstance(self.target, int) and self.target not in ("predicted", "label"):
             try:
                 int(self.target)

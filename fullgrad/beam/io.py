@@ -1,15 +1,20 @@
-"""Readers and writers of the Beam job: Parquet / TFRecord in, maps and dead letters out.
+"""Readers and writers of the Beam job: datasets in, maps and dead letters out.
 
 Reading yields *rows*, ``{"id", "image", "label", "mask", "source"}`` (``image`` is encoded
 bytes or a pixel array, ``label`` and ``mask`` may be None), and dead letters
 ``{"id", "stage": "read", "error"}`` for records that miss a required column or key. A missing
 column never crashes the job: each of its rows becomes a dead letter naming the column.
+Image files by glob and WebDataset shards are read in ``io_images`` and ``io_webdataset``.
 
 - Parquet goes through Beam's ``fileio`` (globs over local paths, ``gs://``, ``s3://``) and
   pyarrow, one row group at a time in small record batches, so memory does not grow with the
   file. Row groups are spread over workers by a reshuffle. (Not ``ReadFromParquet``: asked for
   a column that one file lacks, it fails the whole job; here that file's rows become dead
-  letters.)
+  letters.) Without an id column (unless ``--id-column`` names one) a row's id is
+  ``<file name>#<row>``. An image cell may be encoded bytes, a pixel array, or Hugging Face's
+  ``{bytes, path}`` struct: the bytes, else the file at ``path`` (relative to the Parquet
+  file's folder, or absolute / a URI), read at stage ``read`` (a missing file is a dead
+  letter). Hugging Face ``ClassLabel`` names in the schema become the class names.
 - TFRecord goes through ``fileio`` and Beam's TFRecord framing (``_ReadTFRecordFile``); each
   record is a ``tf.train.Example``. A file whose framing breaks keeps the records before the
   break; the rest of it is one dead letter.
@@ -23,7 +28,7 @@ Written under ``--output``:
 - ``overlays/<safe id>.png`` with ``--overlays N``; file names come from ``safe_file_name``.
 
 Example:
-    >>> rows, dead = pipeline | ReadRows(config)
+    >>> rows, dead, class_names = pipeline | ReadRows(config)
     >>> table = pyarrow.parquet.read_table("out/maps-00000-of-00001.parquet")
     >>> maps = fullgrad.record.read_maps(table)           # numpy [N, h, w] float32 in [0, 1]
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import zlib
@@ -55,6 +61,7 @@ __all__ = [
     "WriteMaps",
     "WriteMapsTFRecord",
     "WriteOverlays",
+    "huggingface_class_names",
     "input_patterns",
     "safe_file_name",
 ]
@@ -63,6 +70,7 @@ MAPS_PREFIX = "maps"
 DEAD_LETTER_PREFIX = "dead_letter"
 OVERLAY_DIR = "overlays"
 _READ_BATCH_ROWS = 64
+_LOGGER = logging.getLogger(__name__)
 _WRITE_BATCH_ROWS = 64
 
 def input_patterns(spec: str) -> list[str]:
@@ -95,8 +103,38 @@ def safe_file_name(record_id: str, suffix: str = ".png") -> str:
 # -- reading ---------------------------------------------------------------------------------
 
 
+def huggingface_class_names(metadata: dict | None, column: str) -> list[str] | None:
+    """The ``ClassLabel`` names of ``column`` in a Parquet schema's ``huggingface`` metadata.
+
+    Hugging Face ``datasets`` stores its features as JSON under the ``huggingface`` key of the
+    Arrow schema metadata; a ``ClassLabel`` feature lists its names there.
+
+    Example:
+        >>> huggingface_class_names(pq.read_schema("train.parquet").metadata, "label")
+        ['ant', 'bee', 'cow']
+    """
+    raw = (metadata or {}).get(b"huggingface")
+    if not raw:
+        return None
+    try:
+        feature = json.loads(raw)["info"]["features"][column]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel":
+        return None
+    names = feature.get("names")
+    return [str(name) for name in names] if isinstance(names, list) and names else None
+
+
 class _ListParquetRowGroups(beam.DoFn):
-    """Per matched file: one ``(path, row_group)`` work item, or a dead letter if unreadable."""
+    """Per matched file: one ``(path, row_group)`` work item, or a dead letter if unreadable.
+
+    Also ``(path, names)`` on the ``names`` output when the file carries Hugging Face
+    ``ClassLabel`` names for the label column.
+    """
+
+    def __init__(self, label_column: str) -> None:
+        self._label_column = label_column
 
     def process(self, readable: fileio.ReadableFile) -> Iterator[Any]:
         import pyarrow.parquet as pq
@@ -104,12 +142,17 @@ class _ListParquetRowGroups(beam.DoFn):
         path = readable.metadata.path
         try:
             with readable.open() as handle:
-                groups = pq.ParquetFile(handle).metadata.num_row_groups
+                parquet = pq.ParquetFile(handle)
+                groups = parquet.metadata.num_row_groups
+                names = huggingface_class_names(parquet.schema_arrow.metadata,
+                                                self._label_column)
         except Exception as error:  # noqa: BLE001 -- a broken file is data, not a crash
             yield beam.pvalue.TaggedOutput(
                 "dead", dead_letter(path, "read", f"not a readable Parquet file: {error}")
             )
             return
+        if names:
+            yield beam.pvalue.TaggedOutput("names", (path, names))
         for group in range(groups):
             yield (path, group)
 
@@ -125,11 +168,46 @@ def _column_values(column: pa.ChunkedArray | pa.Array) -> list[Any]:
     return column.to_pylist()
 
 
-class _ReadParquetRowGroup(beam.DoFn):
-    """Reads one row group in small batches; rows missing a required column are dead letters."""
+def _image_of(value: Any, parquet_path: str) -> Any:
+    """The image of a Parquet cell: as stored, or a Hugging Face ``{bytes, path}`` resolved.
 
-    def __init__(self, columns: Columns) -> None:
+    The struct's bytes when present; else its ``path`` read through Beam's ``FileSystems``:
+    as given when absolute or a URI (``gs://``, ``s3://``), else relative to the folder of the
+    Parquet file.
+
+    Raises:
+        ValueError: The struct has neither, or the path cannot be read (the message says why).
+    """
+    if not isinstance(value, dict) or not ({"bytes", "path"} & set(value)):
+        return value
+    if value.get("bytes") is not None:
+        return value["bytes"]
+    target = value.get("path")
+    if not target:
+        raise ValueError("the image struct has neither bytes nor a path")
+    if "://" not in target and not os.path.isabs(target):
+        target = FileSystems.join(parquet_path.rsplit("/", 1)[0], target)
+    try:
+        with FileSystems.open(target, mime_type="application/octet-stream") as handle:
+            return handle.read()
+    except Exception as error:  # noqa: BLE001 -- the filesystem's own error names the cause
+        raise ValueError(
+            f"the image path {value['path']!r} ({target}) cannot be read: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
+class _ReadParquetRowGroup(beam.DoFn):
+    """Reads one row group in small batches; rows missing a required column are dead letters.
+
+    The id column is required only when named (``--id-column``); without it a row's id is
+    ``<file name>#<row>``, the same on every rerun. In a Hugging Face ``ClassLabel`` column,
+    -1 (no label) becomes None.
+    """
+
+    def __init__(self, columns: Columns, id_required: bool) -> None:
         self._columns = columns
+        self._id_required = id_required
 
     def process(self, item: tuple[str, int]) -> Iterator[Any]:
         import pyarrow.parquet as pq
@@ -139,10 +217,15 @@ class _ReadParquetRowGroup(beam.DoFn):
         with FileSystems.open(path) as handle:
             parquet = pq.ParquetFile(handle)
             present = set(parquet.schema_arrow.names)
-            missing = [c for c in (names.id, names.image) if c not in present]
+            required = (names.id, names.image) if self._id_required else (names.image,)
+            missing = [c for c in required if c not in present]
             optional = [c for c in (names.label, names.mask) if c in present]
+            has_id = names.id in present
+            # Hugging Face marks an unlabelled row of a ClassLabel column with -1.
+            unlabelled = -1 if huggingface_class_names(
+                parquet.schema_arrow.metadata, names.label) else None
             # With a required column missing, only the ids are read: each row is a dead letter.
-            wanted = [names.id] if names.id in present else []
+            wanted = [names.id] if has_id else []
             if not missing:
                 wanted += [names.image, *optional]
             row = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
@@ -157,8 +240,8 @@ class _ReadParquetRowGroup(beam.DoFn):
                 values = {c: _column_values(batch.column(c)) for c in wanted}
                 ids = values.get(names.id, [None] * size)
                 for offset in range(size):
-                    record_id = ids[offset]
                     fallback_id = f"{os.path.basename(path)}#{row + offset}"
+                    record_id = ids[offset] if has_id else fallback_id
                     if missing:
                         yield beam.pvalue.TaggedOutput(
                             "dead",
@@ -169,24 +252,34 @@ class _ReadParquetRowGroup(beam.DoFn):
                                 f"(it has {sorted(present)})",
                             ),
                         )
-                    elif record_id is None:
+                        continue
+                    if record_id is None:
                         yield beam.pvalue.TaggedOutput(
                             "dead", dead_letter(fallback_id, "read", f"null {names.id!r}")
                         )
-                    else:
-                        label = values[names.label][offset] if names.label in values else None
-                        yield {
-                            "id": str(record_id),
-                            "image": values[names.image][offset],
-                            "label": None if label is None else int(label),
-                            "mask": values[names.mask][offset] if names.mask in values else None,
-                            "source": path,
-                        }
+                        continue
+                    try:
+                        image = _image_of(values[names.image][offset], path)
+                    except ValueError as error:
+                        yield beam.pvalue.TaggedOutput(
+                            "dead", dead_letter(str(record_id), "read", error)
+                        )
+                        continue
+                    label = values[names.label][offset] if names.label in values else None
+                    if label is not None and label == unlabelled:
+                        label = None
+                    yield {
+                        "id": str(record_id),
+                        "image": image,
+                        "label": None if label is None else int(label),
+                        "mask": values[names.mask][offset] if names.mask in values else None,
+                        "source": path,
+                    }
                 row += size
 
 
 class _ReadTFRecordFile(beam.DoFn):
-    """Per matched file: ``(path, serialized record)`` pairs, in order.
+    """Per matched file: ``(path, index, serialized record)``, in order.
 
     Beam's own framing and CRC checks (``_TFRecordUtil``, what ``ReadFromTFRecord`` uses) read
     each record; gzip is detected from the extension. When the framing breaks (a bad CRC, a
@@ -203,7 +296,7 @@ class _ReadTFRecordFile(beam.DoFn):
         try:
             with readable.open(mime_type="application/octet-stream") as handle:
                 while (serialized := _TFRecordUtil.read_record(handle)) is not None:
-                    yield (path, serialized)
+                    yield (path, count, serialized)
                     count += 1
         except (ValueError, EOFError, zlib.error) as error:
             # Broken framing or compression is data, not a crash. An I/O error (OSError) is not
@@ -220,17 +313,22 @@ class _ReadTFRecordFile(beam.DoFn):
 
 
 class _ParseExample(beam.DoFn):
-    """``(file, serialized tf.train.Example)`` -> a row, or a dead letter at stage read."""
+    """``(file, index, serialized tf.train.Example)`` -> a row, or a dead letter at stage read.
 
-    def __init__(self, columns: Columns) -> None:
+    The id key is required only when named (``--id-column``); without it a record's id is
+    ``<file name>#<record index>``, the same on every rerun.
+    """
+
+    def __init__(self, columns: Columns, id_required: bool) -> None:
         self._columns = columns
+        self._id_required = id_required
 
-    def process(self, element: tuple[str, bytes]) -> Iterator[Any]:
+    def process(self, element: tuple[str, int, bytes]) -> Iterator[Any]:
         from tensorflow.core.example import example_pb2
 
-        path, serialized = element
+        path, index, serialized = element
         names = self._columns
-        fallback_id = f"{os.path.basename(path)}#sha1:{hashlib.sha1(serialized).hexdigest()[:16]}"
+        fallback_id = f"{os.path.basename(path)}#{index}"
         try:
             example = example_pb2.Example.FromString(serialized)
         except Exception as error:  # noqa: BLE001
@@ -239,8 +337,11 @@ class _ParseExample(beam.DoFn):
             )
             return
         features = example.features.feature
-        missing = [key for key in (names.id, names.image) if key not in features]
+        required = (names.id, names.image) if self._id_required else (names.image,)
+        missing = [key for key in required if key not in features]
         record_id = _first_value(features[names.id]) if names.id in features else None
+        if record_id is None and names.id not in features and not self._id_required:
+            record_id = fallback_id
         if isinstance(record_id, bytes):
             record_id = record_id.decode("utf-8", "replace")
         if missing or record_id is None:
@@ -270,51 +371,101 @@ def _first_value(feature: Any) -> Any:
     return values[0] if len(values) else None
 
 
-class ReadRows(beam.PTransform):
-    """Reads ``config.input`` (Parquet or TFRecord globs) into rows and read dead letters.
+def _first_file_names(found: list[tuple[str, list[str]]]) -> list[str] | None:
+    """The class names of the first file (by path) that has some; files that differ are logged."""
+    if not found:
+        return None
+    found = sorted(found)
+    first = found[0][1]
+    other = next((path for path, names in found if names != first), None)
+    if other is not None:
+        _LOGGER.warning("fullgrad: the Hugging Face class names of %s differ from those of %s; "
+                        "the first file's are used", other, found[0][0])
+    return first
 
-    Returns a ``DoOutputsTuple``-like pair ``(rows, dead)``.
+
+def _parquet_class_names(_: Any, config_names: list[str] | None, found: list) -> dict:
+    if config_names:
+        return {"class_names": list(config_names), "source": "--class-names"}
+    names = _first_file_names(found)
+    return {"class_names": names, "source": "huggingface" if names else None}
+
+
+class ReadRows(beam.PTransform):
+    """Reads ``config.input`` into ``(rows, read dead letters, class names)``.
+
+    Parquet and TFRecord here; image files by glob (:mod:`fullgrad.beam.io_images`) and
+    WebDataset shards (:mod:`fullgrad.beam.io_webdataset`) in their modules. ``class names``
+    is a singleton ``{"class_names": [...] | None, "source": ...}`` from the data's own
+    metadata, in this order: ``--class-names``; Hugging Face ``ClassLabel`` names in a
+    Parquet file's schema; the class folders' names (``--format images``).
 
     Example Usage:
-        >>> rows, dead = pipeline | ReadRows(config)
+        >>> rows, dead, names = pipeline | ReadRows(config)
     """
 
     def __init__(self, config: JobConfig) -> None:
         super().__init__()
         self._config = config
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
+    def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[Any, Any, Any]:
         config = self._config
-        patterns = pbegin | "Patterns" >> beam.Create(input_patterns(config.input))
-        if config.resolved_format() == "parquet":
+        fmt = config.resolved_format()
+        patterns = input_patterns(config.input)
+        if fmt == "images":
+            from fullgrad.beam.io_images import ReadImageFiles
+
+            return pbegin | "Images" >> ReadImageFiles(config, patterns)
+        config_names = config.class_name_list()
+        if fmt == "parquet":
             listed = (
-                patterns
+                pbegin
+                | "Patterns" >> beam.Create(patterns)
                 | "Match" >> fileio.MatchAll()
                 | "Open" >> fileio.ReadMatches()
-                | "RowGroups" >> beam.ParDo(_ListParquetRowGroups()).with_outputs("dead", main="groups")
+                | "RowGroups"
+                >> beam.ParDo(_ListParquetRowGroups(config.columns().label)).with_outputs(
+                    "dead", "names", main="groups"
+                )
             )
             rows = (
                 listed.groups
                 | "Spread" >> beam.Reshuffle()
                 | "ReadGroups"
-                >> beam.ParDo(_ReadParquetRowGroup(config.columns())).with_outputs(
-                    "dead", main="rows"
-                )
+                >> beam.ParDo(
+                    _ReadParquetRowGroup(config.columns(), config.id_column is not None)
+                ).with_outputs("dead", main="rows")
             )
             dead = (listed.dead, rows.dead) | "ReadDead" >> beam.Flatten()
-            return rows.rows, dead
+            names = (
+                pbegin
+                | "NamesTrigger" >> beam.Create([None])
+                | "ClassNames"
+                >> beam.Map(_parquet_class_names, config_names,
+                            beam.pvalue.AsList(listed.names))
+            )
+            return rows.rows, dead, names
+        names = pbegin | "ClassNames" >> beam.Create(
+            [{"class_names": config_names, "source": "--class-names" if config_names else None}]
+        )
+        if fmt == "webdataset":
+            from fullgrad.beam.io_webdataset import ReadWebDataset
+
+            rows, dead = pbegin | "Shards" >> ReadWebDataset(patterns)
+            return rows, dead, names
         records = (
-            patterns
+            pbegin
+            | "Patterns" >> beam.Create(patterns)
             | "MatchRecords" >> fileio.MatchAll()
             | "SpreadFiles" >> beam.Reshuffle()
             | "OpenRecords" >> fileio.ReadMatches()
             | "ReadRecords" >> beam.ParDo(_ReadTFRecordFile()).with_outputs("dead", main="records")
         )
         parsed = records.records | "Parse" >> beam.ParDo(
-            _ParseExample(config.columns())
+            _ParseExample(config.columns(), config.id_column is not None)
         ).with_outputs("dead", main="rows")
         dead = (records.dead, parsed.dead) | "ReadDead" >> beam.Flatten()
-        return parsed.rows, dead
+        return parsed.rows, dead, names
 
 
 # -- writing ---------------------------------------------------------------------------------

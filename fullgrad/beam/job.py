@@ -88,6 +88,8 @@ class JobOutputs:
         input_count: A singleton: rows read plus read dead letters.
         results: RunInference's ``PredictionResult``s (requests with their images), for
             ``--evaluate``.
+        class_names: A singleton ``{"class_names", "source"}`` from the reader
+            (``fullgrad.beam.io.ReadRows``).
     """
 
     rows: Any
@@ -95,6 +97,7 @@ class JobOutputs:
     dead_letters: Any
     input_count: Any
     results: Any = None
+    class_names: Any = None
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -364,7 +367,7 @@ def build_pipeline(
     from fullgrad.beam import io
     from fullgrad.beam.transforms import ExplainRows, count_failure
 
-    rows, read_dead = pipeline | "Read" >> io.ReadRows(config)
+    rows, read_dead, class_names = pipeline | "Read" >> io.ReadRows(config)
     explain = ExplainRows(config)
     explained, explain_dead = rows | "Explain" >> explain
     dead = (
@@ -378,7 +381,9 @@ def build_pipeline(
         | "Inputs" >> beam.Flatten()
         | "SumInputs" >> beam.CombineGlobally(sum)
     )
-    outputs = JobOutputs(rows, explained, dead, input_count, explain.inference_results)
+    outputs = JobOutputs(
+        rows, explained, dead, input_count, explain.inference_results, class_names
+    )
     if write:
         _add_writers(pipeline, config, outputs, baseline)
     return outputs
@@ -405,7 +410,7 @@ def _add_writers(
     if config.overlays:
         _ = explained | "WriteOverlays" >> io.WriteOverlays(config.output, config.overlays)
     if config.audit:
-        _add_audit(config, explained, baseline)
+        _add_audit(config, explained, outputs.class_names, baseline)
     if config.evaluate:
         from fullgrad.beam.evaluate import EvaluateFaithfulness
 
@@ -422,9 +427,12 @@ def _add_writers(
     )
     path = FileSystems.join(config.output, "counts.json")
 
-    def write_counts(_: Any, inputs: int, explained_n: int, failed_n: int, stages: dict) -> None:
+    def write_counts(
+        _: Any, inputs: int, explained_n: int, failed_n: int, stages: dict, names: dict
+    ) -> None:
         counts = {"input": inputs, "explained": explained_n, "failed": failed_n,
-                  "failed_by_stage": dict(sorted(stages.items()))}
+                  "failed_by_stage": dict(sorted(stages.items())),
+                  "class_names": names["class_names"], "class_names_from": names["source"]}
         with FileSystems.create(path) as handle:
             handle.write(json.dumps(counts).encode())
 
@@ -439,11 +447,14 @@ def _add_writers(
             side(explained_count),
             side(failed_count),
             side(by_stage),
+            side(outputs.class_names),
         )
     )
 
 
-def _add_audit(config: JobConfig, explained: Any, baseline: tuple | None = None) -> None:
+def _add_audit(
+    config: JobConfig, explained: Any, class_names: Any, baseline: tuple | None = None
+) -> None:
     """The ``--audit`` branch: ``ComputeAudit`` over the explained records, then ``write_audit``.
 
     Imported here so that a job without ``--audit`` does not load the report's matplotlib.
@@ -460,8 +471,27 @@ def _add_audit(config: JobConfig, explained: Any, baseline: tuple | None = None)
     _ = (
         explained
         | "Audit" >> ComputeAudit(settings, old, name)
+        | "NameClasses" >> beam.Map(_with_class_names, settings,
+                                    beam.pvalue.AsSingleton(class_names))
         | "WriteAudit" >> beam.Map(lambda audit: write_audit({**audit, "map": map_kind}, output))
     )
+
+
+def _with_class_names(audit: dict, settings: AuditSettings, found: dict) -> dict:
+    """The audit with the data's class names, unless ``--audit-class-names`` gave some.
+
+    Precedence of class names in the audit and the report: ``--audit-class-names``, then what
+    the reader found (``--class-names``, Hugging Face ``ClassLabel`` names, class folders).
+    """
+    if settings.class_names or not found or not found.get("class_names"):
+        return audit
+    named = dataclasses.replace(settings, class_names=tuple(found["class_names"]))
+    classes = {
+        key: {**entry, "name": named.class_name(int(key))}
+        for key, entry in audit["classes"].items()
+    }
+    # A new dict: Beam elements are not modified in place.
+    return {**audit, "settings": named.as_dict(), "classes": classes}
 
 
 def job_metrics(result: Any) -> dict[str, Any]:

@@ -105,10 +105,13 @@ def _join(base: str, name: str) -> str:
 def dataset_input(images: _Artifact, local: bool, input_format: str = "") -> tuple[str, str]:
     """The ``--input`` glob and ``--format`` for a dataset artifact.
 
-    The artifact is a dataset file, or a folder of them (what an importer of
-    ``gs://bucket/data/`` gives). The folder is inspected through its local path, which
-    exists in the pod; the glob is then built on the URI for a distributed runner. Formats are
-    told by ``fullgrad.beam.config.format_of``, as for ``fullgrad run --input``.
+    The artifact is a dataset file, or a folder (what an importer of ``gs://bucket/data/``
+    gives) holding dataset files (Parquet, TFRecord, WebDataset ``.tar`` shards, image files)
+    or, when it holds none, class folders of image files (``cat/001.jpg``), read as
+    ``<folder>/*/*.jpg`` so each image is labelled by its class folder. The folder is inspected
+    through its local path, which exists in the pod; the glob is then built on the URI for a
+    distributed runner. Formats are told by ``fullgrad.beam.config.format_of``, as for
+    ``fullgrad run --input``.
 
     Args:
         images: The dataset artifact.
@@ -120,11 +123,14 @@ def dataset_input(images: _Artifact, local: bool, input_format: str = "") -> tup
 
     Raises:
         FileNotFoundError: The artifact's path does not exist.
-        ValueError: A folder with no dataset file, or an unknown ``input_format``.
+        ValueError: A folder with no dataset file (an empty folder), or an unknown
+            ``input_format``.
 
     Example:
         >>> dataset_input(images, local=True)
         ('/data/images/*.parquet', 'parquet')
+        >>> dataset_input(class_folders, local=True)
+        ('/data/train/*/*.jpg,/data/train/*/*.png', 'images')
     """
     if input_format not in ("", *FORMATS):
         raise ValueError(f"input_format must be one of {FORMATS} or empty, got {input_format!r}")
@@ -139,21 +145,37 @@ def dataset_input(images: _Artifact, local: bool, input_format: str = "") -> tup
                 f"cannot tell the format of {path!r}; set input_format to one of {FORMATS}"
             )
         return base, fmt
-    names = sorted(os.listdir(path))
+    names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+    prefix = ""
+    if not any(map(format_of, names)) and input_format in ("", "images"):
+        # No dataset file on top: class folders, each holding that class's images.
+        names = sorted(
+            name
+            for folder in os.listdir(path)
+            if os.path.isdir(os.path.join(path, folder))
+            for name in os.listdir(os.path.join(path, folder))
+            if format_of(name) == "images"
+        )
+        prefix = "*/"
     found = {fmt for fmt in map(format_of, names) if fmt}
     if input_format:
         fmt = input_format
     elif len(found) == 1:
         fmt = found.pop()
     elif not found:
-        raise ValueError(f"no dataset files ({', '.join(FORMATS)}) in the folder {path!r}")
+        raise ValueError(
+            f"no dataset files ({', '.join(FORMATS)}) and no class folders of images in the "
+            f"folder {path!r}"
+        )
     else:
         raise ValueError(
             f"the dataset folder {path!r} holds several formats {sorted(found)}; "
             "set input_format"
         )
     globs = sorted({format_glob(n) for n in names if format_of(n) == fmt})
-    return ",".join(_join(base, pattern) for pattern in globs), fmt
+    if not globs:
+        raise ValueError(f"no {fmt} files in the dataset folder {path!r}")
+    return ",".join(_join(base, prefix + pattern) for pattern in globs), fmt
 
 
 def model_file(model: _Artifact, local: bool) -> str:

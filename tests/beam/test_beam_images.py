@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -56,6 +57,15 @@ def test_every_mode_decodes_to_rgb_at_the_requested_size(mode):
         assert np.abs(full[..., 0].astype(int) - gray).max() <= 1
 
 
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "WEBP"])
+def test_bmp_tiff_and_lossless_webp_decode_exactly(fmt):
+    image = random_image(4, size=40)
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    np.testing.assert_array_equal(decode_image(buffer.getvalue()), np.asarray(image))
+
+
 def test_jpeg_decodes_close_to_the_original():
     image = random_image(5, size=40).resize((40, 44))
     smooth = image.resize((8, 8)).resize((40, 44), Image.BILINEAR)
@@ -67,15 +77,15 @@ def test_jpeg_decodes_close_to_the_original():
     ("data", "message"),
     [
         (b"", "empty image bytes"),
-        (b"hello world, not an image", "not PNG or JPEG"),
+        (b"hello world, not an image", "not PNG, JPEG, WebP, BMP or TIFF"),
         (encode(random_image(1), "GIF"), "unsupported image format GIF"),
-        (encode(random_image(1), "BMP"), "unsupported image format BMP"),
+        (b"RIFF\x00\x00\x00\x00WAVEfmt ", r"unsupported image format RIFF \(not WebP\)"),
         (encode(random_image(1))[:60], "corrupt"),
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt image"),
         (png_header_only(9000, 9000), "exceeds the limit of"),
         (png_header_only(30000, 30000), "decompression bomb"),
     ],
-    ids=["empty", "text", "gif", "bmp", "truncated", "bad-header", "over-limit", "pillow-bomb"],
+    ids=["empty", "text", "gif", "wav", "truncated", "bad-header", "over-limit", "pillow-bomb"],
 )
 def test_bad_bytes_raise_a_clear_image_error(data, message):
     with pytest.raises(ImageError, match=message):

@@ -225,7 +225,7 @@ def test_bad_inputs_become_dead_letters_and_the_run_continues(tmp_path, model_pa
         "corrupt": ("decode", "corrupt"),
         "gif": ("decode", "unsupported image format GIF"),
         "bomb": ("decode", "decompression bomb"),
-        "text": ("decode", "not PNG or JPEG"),
+        "text": ("decode", "not PNG, JPEG, WebP, BMP or TIFF"),
         "null-image": ("decode", "image is null"),
         "a-bytes.parquet#10": ("read", "null 'id'"),
         "bad-mask": ("decode", "mask"),

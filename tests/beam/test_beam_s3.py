@@ -189,3 +189,41 @@ def test_a_missing_model_on_s3_fails_before_any_read(s3, files):
     assert job_requests and all("none.keras" in line for line in job_requests), job_requests
     assert _objects(client) == before  # nothing written, moved or rewritten
     assert not _objects(client, "never")
+
+
+@pytest.mark.parametrize("layout", ["folders", "huggingface"])
+def test_class_folders_and_hugging_face_paths_in_a_bucket(s3, tmp_path, layout):
+    """Issue 12's layouts in S3: ids, labels and dead letters as on local files."""
+    from readerdata import (
+        FOLDERS_DEAD,
+        FOLDERS_EXPECTED,
+        HF_DEAD,
+        HF_EXPECTED,
+        HF_NAMES,
+        check_outputs,
+        copy_hf,
+        write_class_folders,
+    )
+
+    client, flags = s3
+    data = tmp_path / "data"
+    if layout == "folders":
+        write_class_folders(str(data), keras_check=False)
+        pattern, fmt, expected, dead = "*/*", "images", FOLDERS_EXPECTED, FOLDERS_DEAD
+    else:  # the image paths inside the Parquet files resolve against the bucket folder
+        copy_hf(str(data))
+        pattern, fmt, expected, dead = "*.parquet", None, HF_EXPECTED, HF_DEAD
+    for path in data.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"{layout}/{path.relative_to(data)}")
+    build_model().save(str(tmp_path / "model.keras"))
+    client.upload_file(str(tmp_path / "model.keras"), BUCKET, f"{layout}-model.keras")
+    summary = job.run(
+        _config(f"s3://{BUCKET}/{layout}/{pattern}", f"s3://{BUCKET}/{layout}-model.keras",
+                f"s3://{BUCKET}/out-{layout}", format=fmt, target="label"),
+        flags,
+    )
+    assert (summary["explained"], summary["failed"]) == (len(expected), len(dead))
+    assert summary["class_names"] == HF_NAMES
+    _download(client, f"out-{layout}/", tmp_path / "out")
+    check_outputs(*read_output(str(tmp_path / "out")), expected, dead)

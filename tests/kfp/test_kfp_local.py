@@ -225,3 +225,31 @@ def test_scheduled_runs_compare_with_the_previous_one(local_kfp, tiny_dataset, t
     assert drift["drifted_classes"] == []
     assert all(c["map_distance"] == pytest.approx(0.0, abs=1e-9) for c in drift["classes"].values())
     assert "Drift against the baseline" in Path(second["report"]).read_text()
+
+
+def test_pipeline_over_class_folders(local_kfp, tiny_model, tmp_path):
+    """dataset_uri a folder of class folders: folder labels, path ids, folder class names."""
+    from PIL import Image
+
+    from fullgrad.kfp.pipeline import build_pipeline
+
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "train"
+    for name in ("a_low", "b_mid", "c_high"):
+        (folder / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 255, [32, 32, 3], dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    (folder / "c_high" / "2.png").write_bytes(b"\x89PNG not really")
+    build_pipeline(accelerator_limit=0)(
+        dataset_uri=str(folder), model_uri=str(tiny_model), image_size=32, preprocess="unit",
+        target="label", batch_size=4,
+    )
+    maps = _read_parquet_folder(_task_dir(local_kfp, "explain") / "maps", "maps-")
+    assert maps.column("id").to_pylist() == [f"{n}/{i}.png" for n in ("a_low", "b_mid", "c_high")
+                                             for i in range(2)]
+    assert maps.column("label").to_pylist() == [0, 0, 1, 1, 2, 2]
+    dead = _read_parquet_folder(_task_dir(local_kfp, "explain") / "dead_letters", "dead_letter")
+    assert dead.column("id").to_pylist() == ["c_high/2.png"]
+    summary = (_task_dir(local_kfp, "audit") / "summary").read_text()
+    assert all(f"({name})" in summary for name in ("a_low", "b_mid", "c_high")), summary

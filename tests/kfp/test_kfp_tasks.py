@@ -121,10 +121,31 @@ def test_dataset_file_tfrecords_and_ambiguity(tmp_path):
 def test_dataset_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset artifact not found at"):
         dataset_input(local(tmp_path / "missing"), local=True)
-    with pytest.raises(ValueError, match=r"no dataset files \(parquet, tfrecord\) in the folder"):
+    with pytest.raises(ValueError, match=r"no dataset files \(parquet, tfrecord, images, webdataset\) and no class folders"):
         dataset_input(local(tmp_path), local=True)
     with pytest.raises(ValueError, match="local path"):
         dataset_input(local(tmp_path), local=False)  # remote workers cannot read the pod's disk
+
+
+def test_dataset_folder_of_class_folders_or_shards(tmp_path):
+    for name in ("cat/1.jpg", "cat/2.JPG", "dog/1.png", "dog/notes.txt"):
+        (tmp_path / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / name).write_bytes(b"x")
+    train = tmp_path / "train"
+    assert dataset_input(local(train), local=True) == (
+        f"{train}/*/*.JPG,{train}/*/*.jpg,{train}/*/*.png", "images"
+    )
+    mounted = Artifact(uri="gs://bucket/train", path=str(train))
+    assert dataset_input(mounted, local=False)[0].startswith("gs://bucket/train/*/*.")
+    (tmp_path / "shards").mkdir()
+    for index in range(2):
+        (tmp_path / "shards" / f"train-{index:05d}.tar").write_bytes(b"x")
+    assert dataset_input(local(tmp_path / "shards"), local=True) == (
+        f"{tmp_path}/shards/*.tar", "webdataset"
+    )
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class folders of images"):
+        dataset_input(local(tmp_path / "empty"), local=True)
 
 
 def test_model_file_in_a_folder(tmp_path):
