@@ -136,6 +136,8 @@ class FullGrad:
         normalize_channels: Min-max each channel separately (the paper's formula) instead of
             each term as a whole (the authors' code).
         jit_compile: Compile the step with XLA.
+        logits_layer: The layer (or its name) whose output are the class scores, when
+            ``inspection.get_logits_layer`` does not find it.
 
     Example:
         >>> explainer = FullGrad(model)
@@ -151,10 +153,13 @@ class FullGrad:
         biases: Sequence[Any] | None = None,
         normalize_channels: bool = False,
         jit_compile: bool = False,
+        logits_layer: keras.layers.Layer | str | None = None,
     ) -> None:
         exposure = inspection.exposure_of(model)
+        if exposure is not None and logits_layer is not None:
+            raise ValueError("this model is already exposed; pass logits_layer= to expose")
         if exposure is None and len(model.outputs) == 1:
-            logits_layer = inspection.get_logits_layer(model)
+            logits_layer = inspection.get_logits_layer(model, logits_layer)
             layers, _ = inspection.layers_with_biases(model, exclude=[logits_layer])
             model = inspection.expose(model, layers, logits_layer)
             exposure = inspection.exposure_of(model)
@@ -430,6 +435,7 @@ def full_gradients(
     *,
     normalize_channels: bool = False,
     jit_compile: bool = False,
+    logits_layer: keras.layers.Layer | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """FullGrad maps for the units ``indices``, following keras-explainable's call.
 
@@ -442,6 +448,7 @@ def full_gradients(
             exposed outputs; collected again when None.
         normalize_channels: The paper's per-channel normalisation instead of per-term.
         jit_compile: Compile with XLA.
+        logits_layer: The layer (or its name) whose output are the class scores.
 
     Returns:
         ``(logits, maps)``: ``[B, k]`` pre-activation logits of the explained units and
@@ -453,17 +460,30 @@ def full_gradients(
         >>> model = ke.inspection.expose(model, inters, logits)
         >>> logits, maps = ke.full_gradients(model, x, y, biases=biases)
     """
-    engine = _engine(model, biases, normalize_channels=normalize_channels, jit_compile=jit_compile)
+    engine = _engine(
+        model,
+        biases,
+        normalize_channels=normalize_channels,
+        jit_compile=jit_compile,
+        logits_layer=logits_layer,
+    )
     return engine(inputs, indices)
 
 
-def decompose(model: keras.Model, inputs: Any, targets: Any = None) -> Decomposition:
+def decompose(
+    model: keras.Model,
+    inputs: Any,
+    targets: Any = None,
+    *,
+    logits_layer: keras.layers.Layer | str | None = None,
+) -> Decomposition:
     """The full-gradient decomposition of each image's explained logit.
 
     Args:
         model: A Keras classifier or a model from ``inspection.expose``.
         inputs: ``[B, ...]`` preprocessed inputs.
         targets: ``[B]`` classes; the top-1 class when None.
+        logits_layer: The layer (or its name) whose output are the class scores.
 
     Returns:
         A ``Decomposition`` with ``.logits``, ``.input``, ``.biases``, ``.logits_bias`` and
@@ -473,4 +493,4 @@ def decompose(model: keras.Model, inputs: Any, targets: Any = None) -> Decomposi
         >>> parts = ke.decompose(model, x)
         >>> np.testing.assert_allclose(parts.logits, parts.reconstruction, rtol=1e-4)
     """
-    return _engine(model, None).decompose(inputs, targets)
+    return _engine(model, None, logits_layer=logits_layer).decompose(inputs, targets)
