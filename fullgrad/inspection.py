@@ -4,7 +4,10 @@ FullGrad needs, besides the input gradient, the gradient of the explained logit 
 to the PRE-activation output ``z_l`` of every layer that adds a bias ``b_l``. This module finds
 those layers (``layers_with_biases``), computes their effective biases (BatchNormalization
 included), and rebuilds the model so that it returns the pre-activation logits and every
-``z_l`` (``expose``). Only public Keras 3 APIs are used.
+``z_l`` (``expose``). Besides public Keras 3 APIs, it reads a symbolic tensor's
+``_keras_history`` and a layer's ``_inbound_nodes`` (to walk back from the output to the
+logits) and replays nested Functional models with ``Functional._run_through_graph``, as
+``keras.models.clone_model`` does.
 
 Example:
     >>> import fullgrad as ke
@@ -431,10 +434,11 @@ def expose(
             return result
         if isinstance(layer, keras.Model):  # inline nested models so their layers are visible
             inputs = args[0] if len(args) == 1 else list(args)
-            inner = keras.models.clone_model(
-                layer, input_tensors=inputs, clone_function=clone_layer, call_function=call_layer
+            # What clone_model does, without building a Functional on `inputs`: Keras refuses
+            # one whose inputs are not Input tensors (a nested model past the first layer).
+            return layer._run_through_graph(
+                inputs, operation_fn=clone_layer, call_fn=call_layer
             )
-            return inner.outputs[0] if len(inner.outputs) == 1 else inner.outputs
         result = layer(*args, **kwargs)
         _, original, activation = twins.get(id(layer), (layer, layer, None))
         if id(original) in targets:
