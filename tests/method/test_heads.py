@@ -237,3 +237,19 @@ def test_logits_layer_can_be_named(entry):
         logits, _ = ke.full_gradients(model, images, [[0], [1], [2]], logits_layer="pooled")
         expected = expected[np.arange(3), [0, 1, 2]][:, None]
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_head_inside_a_nested_model_is_found():
+    """The common transfer-learning shape: Sequential([backbone, Sequential(head)])."""
+    keras.utils.set_random_seed(2)
+    backbone = keras.Sequential([keras.Input((10, 10, 3)), L.Conv2D(6, 3, activation="relu")])
+    head = keras.Sequential(
+        [L.Conv2D(4, 1), L.GlobalAveragePooling2D(name="logits"), L.Activation("softmax")]
+    )
+    model = randomise(keras.Sequential([keras.Input((10, 10, 3)), backbone, head]), 2)
+    assert ke.inspection.get_logits_layer(model) is head.layers[1]
+    x = np.random.default_rng(2).normal(0, 1, (3, 10, 10, 3)).astype(np.float32)
+    original = head.layers[1](head.layers[0](backbone(x))).numpy()
+    parts = ke.decompose(model, x)
+    assert parts.residual.max() < 1e-6
+    np.testing.assert_allclose(ke.FullGrad(model).model(x)[0].numpy(), original, rtol=1e-5, atol=1e-6)
