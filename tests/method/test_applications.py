@@ -42,7 +42,8 @@ def test_application_smoke(name, record_property, capsys):
         getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=10)
     )
     x = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
-    result = ke.FullGrad(model).compute(x)
+    explainer = ke.FullGrad(model)
+    result = explainer.compute(x)
     assert result.maps.shape == (2, size, size, 1)
     assert np.isfinite(result.maps).all()
     np.testing.assert_allclose(result.maps.reshape(2, -1).max(axis=1), 1.0, atol=1e-4)
@@ -52,10 +53,12 @@ def test_application_smoke(name, record_property, capsys):
         print(f"\n{name}: completeness residual {residual:.2e}")
     assert np.isfinite(residual)
     assert np.abs(result.logits).min() > 1e-3
-    # The exposed model computes the original's function, up to the final activation.
+    # The exposed model computes the original's function, up to the final activation. Both
+    # run eagerly: the traced step's fused kernels round differently, and randomised deep
+    # swish nets (EfficientNetV2-L: logits ~1e6) amplify that far beyond any tolerance.
     original = pre_activation_logits(model, x)
     np.testing.assert_allclose(
-        result.all_logits, original, rtol=1e-4, atol=1e-5 * np.abs(original).max()
+        explainer.model(x)[0].numpy(), original, rtol=1e-5, atol=1e-6 * np.abs(original).max()
     )
     if complete:
         assert residual < 1e-4
@@ -98,7 +101,8 @@ def test_every_application(name, record_property, capsys):
     model, size = _build_smallest(name)
     randomise(model)
     x = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
-    result = ke.FullGrad(model).compute(x)
+    explainer = ke.FullGrad(model)
+    result = explainer.compute(x)
     seconds = time.perf_counter() - start
     residual = float(result.residual.max())
     record_property("completeness_residual", residual)
@@ -107,7 +111,7 @@ def test_every_application(name, record_property, capsys):
     assert result.maps.shape == (2, size, size, 1)
     assert np.isfinite(result.maps).all()
     assert np.isfinite(residual)
-    original = pre_activation_logits(model, x)
+    original = pre_activation_logits(model, x)  # eagerly, as in test_application_smoke
     np.testing.assert_allclose(
-        result.all_logits, original, rtol=1e-4, atol=1e-5 * np.abs(original).max()
+        explainer.model(x)[0].numpy(), original, rtol=1e-5, atol=1e-6 * np.abs(original).max()
     )
