@@ -19,7 +19,7 @@ lint: env
 	$(BIN)/ruff check .
 
 test: env lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not applications"
 
 demo: env
 	$(BIN)/fullgrad demo --output $(DEMO_OUTPUT)

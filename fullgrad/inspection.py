@@ -4,7 +4,10 @@ FullGrad needs, besides the input gradient, the gradient of the explained logit 
 to the PRE-activation output ``z_l`` of every layer that adds a bias ``b_l``. This module finds
 those layers (``layers_with_biases``), computes their effective biases (BatchNormalization
 included), and rebuilds the model so that it returns the pre-activation logits and every
-``z_l`` (``expose``). Only public Keras 3 APIs are used.
+``z_l`` (``expose``). Besides public Keras 3 APIs, it reads a symbolic tensor's
+``_keras_history`` and a layer's ``_inbound_nodes`` (to walk back from the output to the
+logits) and replays nested Functional models with ``Functional._run_through_graph``, as
+``keras.models.clone_model`` does.
 
 Example:
     >>> import fullgrad as ke
@@ -87,31 +90,57 @@ def _variable(layer: keras.layers.Layer, name: str):
         return None
 
 
+def _rescaling_offset(layer: keras.layers.Layer) -> np.ndarray:
+    return np.asarray(layer.offset, dtype=np.float64)
+
+
 def has_bias(layer: keras.layers.Layer) -> bool:
-    """True for layers whose output adds a bias: convolutions, dense layers, BatchNormalization.
+    """True for layers whose output adds a bias.
 
     Covers Conv1D/2D/3D, DepthwiseConv, SeparableConv, Conv*Transpose and Dense with
-    ``use_bias=True``, and every BatchNormalization (its effective bias is non-zero whenever
-    it has a moving mean or a beta).
+    ``use_bias=True``; every BatchNormalization and Normalization (their effective bias is
+    non-zero whenever they have a mean or a beta); and Rescaling with a non-zero ``offset``.
     """
-    if isinstance(layer, keras.layers.BatchNormalization):
+    if isinstance(layer, keras.layers.BatchNormalization | keras.layers.Normalization):
         return True
+    if isinstance(layer, keras.layers.Rescaling):
+        return bool(np.any(_rescaling_offset(layer) != 0))
     return _variable(layer, "bias") is not None and bool(getattr(layer, "use_bias", True))
 
 
-def effective_bias(layer: keras.layers.Layer) -> np.ndarray:
+def _per_channel(bias: np.ndarray, layer: keras.layers.Layer) -> np.ndarray:
+    """Reduces a bias broadcastable against ``[..., C]`` to ``[C]`` (or a scalar)."""
+    bias = np.asarray(bias)
+    if bias.ndim > 1 and any(size != 1 for size in bias.shape[:-1]):
+        raise ValueError(
+            f"layer {layer.name!r} adds a bias of shape {bias.shape} that varies over more "
+            "than the channel axis; fullgrad supports per-channel biases"
+        )
+    return bias.reshape(-1) if bias.ndim > 1 else bias
+
+
+def effective_bias(layer: keras.layers.Layer, channels: int | None = None) -> np.ndarray:
     """Returns the bias a layer adds to its output, as float32 ``[channels]``.
 
     For BatchNormalization in inference mode, ``y = gamma * (x - mean) / sqrt(var + eps) + beta``
     is an affine map ``y = s * x + b`` with effective bias
     ``b = beta - gamma * moving_mean / sqrt(moving_variance + epsilon)``, using the layer's own
     ``epsilon``; ``gamma = 1`` when ``scale=False`` and ``beta = 0`` when ``center=False``.
+    Normalization computes ``(x - mean) / max(sqrt(var), eps)``: its bias is
+    ``-mean / max(sqrt(var), eps)`` (``mean`` when ``invert=True``). Rescaling computes
+    ``x * scale + offset``: its bias is ``offset``; ``scale`` is linear and the gradient flows
+    through it.
 
     Args:
         layer: A layer for which ``has_bias(layer)`` is true.
+        channels: The layer's output channels: a scalar bias (Rescaling's ``offset=-1.0``,
+            Normalization with ``axis=None``) is broadcast to ``[channels]``.
 
     Returns:
-        The bias, broadcastable against the layer's channels-last output.
+        The bias, ``[channels]``; a scalar bias stays a scalar when ``channels`` is None.
+
+    Raises:
+        ValueError: The layer has no bias, or its bias varies over more than the channels.
 
     Example:
         >>> effective_bias(model.get_layer("bn1"))
@@ -121,19 +150,122 @@ def effective_bias(layer: keras.layers.Layer) -> np.ndarray:
         variance = np.asarray(layer.moving_variance, dtype=np.float64)
         gamma = np.asarray(layer.gamma, dtype=np.float64) if layer.scale else 1.0
         beta = np.asarray(layer.beta, dtype=np.float64) if layer.center else 0.0
-        return (beta - gamma * mean / np.sqrt(variance + layer.epsilon)).astype(np.float32)
-    bias = _variable(layer, "bias")
-    if bias is None:
-        raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) has no bias")
-    return np.asarray(bias, dtype=np.float32)
+        bias = beta - gamma * mean / np.sqrt(variance + layer.epsilon)
+    elif isinstance(layer, keras.layers.Normalization):
+        mean = np.asarray(layer.mean, dtype=np.float64)
+        if layer.invert:
+            bias = mean
+        else:
+            std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)), keras.config.epsilon())
+            bias = -mean / std
+    elif isinstance(layer, keras.layers.Rescaling):
+        bias = _rescaling_offset(layer)
+    else:
+        bias = _variable(layer, "bias")
+        if bias is None:
+            raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) has no bias")
+    bias = _per_channel(np.asarray(bias, dtype=np.float64), layer)
+    if channels is not None:
+        bias = np.broadcast_to(bias, [channels])
+    return np.array(bias, dtype=np.float32)
 
 
-def get_logits_layer(model: keras.Model, name: str | None = None) -> keras.layers.Layer:
-    """Returns the classifier layer: the last layer with a kernel, or the layer named ``name``.
+def _output_channels(layer: keras.layers.Layer) -> int | None:
+    try:
+        return int(layer.output.shape[-1])
+    except (AttributeError, ValueError, TypeError):  # unbuilt, or called at several places
+        return None
+
+
+#: Layers after the logits that do not change which class wins: final activations and
+#: inference-time no-ops.
+_TAIL = (
+    keras.layers.Activation,
+    keras.layers.Softmax,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.AlphaDropout,
+    keras.layers.ActivityRegularization,
+    keras.layers.Identity,
+)
+
+#: Linear, shape-only or pooling layers that turn a convolution's class maps into
+#: ``[batch, classes]`` scores; a bias before them is a (spatial) bias term.
+_POOLING_HEADS = (
+    keras.layers.Reshape,
+    keras.layers.Flatten,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+)
+
+
+def _model_outputs(model: keras.Model) -> list | None:
+    try:
+        return list(model.outputs)
+    except (AttributeError, ValueError):
+        return None
+
+
+def _output_chain(model: keras.Model):
+    """Yields the layers from ``model``'s output backwards, along single-input layers.
+
+    Nested models are entered at their output and left at their input. Stops at the model's
+    input or at the first layer with several inputs.
+    """
+    outputs = _model_outputs(model)
+    if not outputs or len(outputs) != 1:
+        return
+    tensor = outputs[0]
+    entered: list[tuple[keras.layers.Layer, int]] = []  # nested models, to leave at their input
+    while True:
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            return
+        operation, node_index, tensor_index = history
+        if isinstance(operation, keras.Model):
+            inner = _model_outputs(operation)
+            if inner is None:
+                return
+            entered.append((operation, node_index))
+            tensor = inner[tensor_index]
+            continue
+        if isinstance(operation, keras.layers.InputLayer):
+            if not entered:
+                return
+            operation, node_index = entered.pop()
+        else:
+            yield operation
+        inputs = operation._inbound_nodes[node_index].input_tensors
+        if len(inputs) != 1:
+            return
+        tensor = inputs[0]
+
+
+def get_logits_layer(
+    model: keras.Model, name: str | keras.layers.Layer | None = None
+) -> keras.layers.Layer:
+    """Returns the layer whose output are the pre-activation class scores.
+
+    Walking back from the model's output, final activations and inference no-ops (Activation,
+    Softmax, Dropout) are skipped; the logits are the output of the first layer reached that
+    has a kernel (Dense, a convolution) or that pools or reshapes class maps into
+    ``[batch, classes]`` (Reshape, Flatten, GlobalAveragePooling, GlobalMaxPooling). So a
+    ``Conv2D(classes, 1) -> Reshape -> Activation`` head (MobileNet) gives the Reshape, and a
+    ``Conv2D(classes) -> GlobalAveragePooling2D -> Activation("softmax")`` head the pooling
+    layer: the convolution's bias is then a spatial bias term. When the walk finds neither, the
+    last layer with a kernel is taken.
 
     Args:
         model: A built Keras classifier; nested models are searched too.
-        name: The classifier's name, when the last layer with a kernel is not it.
+        name: The logits layer, or its name, to override the choice.
 
     Returns:
         The layer whose PRE-activation output are the logits that FullGrad explains.
@@ -143,13 +275,24 @@ def get_logits_layer(model: keras.Model, name: str | None = None) -> keras.layer
 
     Example:
         >>> logits = get_logits_layer(model)
+        >>> logits = get_logits_layer(model, name="global_average_pooling2d")
     """
     layers = flat_layers(model)
+    if isinstance(name, keras.layers.Layer):
+        if not any(layer is name for layer in layers):
+            raise ValueError(f"layer {name.name!r} is not part of model {model.name!r}")
+        return name
     if name is not None:
         for layer in layers:
             if layer.name == name:
                 return layer
         raise ValueError(f"model {model.name!r} has no layer named {name!r}")
+    for layer in _output_chain(model):
+        if isinstance(layer, _TAIL):
+            continue
+        if isinstance(layer, _POOLING_HEADS) or _variable(layer, "kernel") is not None:
+            return layer
+        break
     for layer in reversed(layers):
         if _variable(layer, "kernel") is not None:
             return layer
@@ -185,15 +328,15 @@ def layers_with_biases(
             raise ValueError(
                 f"layer {layer.name!r} is channels_first; fullgrad supports channels_last models"
             )
-    return layers, [effective_bias(layer) for layer in layers]
+    return layers, [effective_bias(layer, _output_channels(layer)) for layer in layers]
 
 
 def _check_channels_last(layer: keras.layers.Layer, rank: int) -> None:
-    if isinstance(layer, keras.layers.BatchNormalization):
+    if isinstance(layer, keras.layers.BatchNormalization | keras.layers.Normalization):
         axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
-        if any(axis not in (-1, rank - 1) for axis in axes):
+        if any(axis not in (None, -1, rank - 1) for axis in axes):
             raise ValueError(
-                f"BatchNormalization {layer.name!r} normalises axis {layer.axis}; fullgrad "
+                f"{type(layer).__name__} {layer.name!r} normalises axis {layer.axis}; fullgrad "
                 "supports channels_last models"
             )
 
@@ -228,7 +371,7 @@ def _linear_twin(layer: keras.layers.Layer) -> keras.layers.Layer:
 def expose(
     model: keras.Model,
     intermediates: Sequence[keras.layers.Layer],
-    logits_layer: keras.layers.Layer | None = None,
+    logits_layer: keras.layers.Layer | str | None = None,
 ) -> keras.Model:
     """Rebuilds ``model`` to output the pre-activation logits and the bias layers' outputs.
 
@@ -242,7 +385,7 @@ def expose(
     Args:
         model: A built single-input Keras classifier (Functional or Sequential).
         intermediates: The bias layers to expose, from ``layers_with_biases``.
-        logits_layer: The classifier layer; ``get_logits_layer(model)`` when None.
+        logits_layer: The logits layer or its name; ``get_logits_layer(model)`` when None.
 
     Returns:
         A model whose outputs are ``[logits, *[z_l for l in intermediates]]``.
@@ -257,8 +400,7 @@ def expose(
         >>> exposed = expose(model, inters, logits)
         >>> logits_values, *bias_outputs = exposed(x)
     """
-    if logits_layer is None:
-        logits_layer = get_logits_layer(model)
+    logits_layer = get_logits_layer(model, logits_layer)
     if isinstance(model, keras.Sequential):
         if not model.built or not model.inputs:
             raise ValueError("build the Sequential model (give it an Input) before exposing it")
@@ -284,12 +426,19 @@ def expose(
         return twin
 
     def call_layer(layer: keras.layers.Layer, *args, **kwargs):
+        if isinstance(layer, keras.Sequential):  # clone_model takes no call_function for these
+            result = args[0]
+            for inner in layer.layers:
+                if not isinstance(inner, keras.layers.InputLayer):
+                    result = call_layer(clone_layer(inner), result)
+            return result
         if isinstance(layer, keras.Model):  # inline nested models so their layers are visible
             inputs = args[0] if len(args) == 1 else list(args)
-            inner = keras.models.clone_model(
-                layer, input_tensors=inputs, clone_function=clone_layer, call_function=call_layer
+            # What clone_model does, without building a Functional on `inputs`: Keras refuses
+            # one whose inputs are not Input tensors (a nested model past the first layer).
+            return layer._run_through_graph(
+                inputs, operation_fn=clone_layer, call_fn=call_layer
             )
-            return inner.outputs[0] if len(inner.outputs) == 1 else inner.outputs
         result = layer(*args, **kwargs)
         _, original, activation = twins.get(id(layer), (layer, layer, None))
         if id(original) in targets:
@@ -314,24 +463,28 @@ def expose(
     if len(logits.shape) != 2:
         raise ValueError(
             f"the logits layer {logits_layer.name!r} outputs shape {tuple(logits.shape)}; "
-            "fullgrad needs [batch, classes] (pass get_logits_layer(model, name=...))"
+            "fullgrad needs [batch, classes]; name the layer that outputs the class scores "
+            "with logits_layer="
         )
     exposed = keras.Model(
         cloned.inputs[0],
         [logits, *[outputs[id(layer)][0] for layer in intermediates]],
         name=f"{model.name}_fullgrad",
     )
+    classes = logits.shape[-1]
     logits_bias = (
-        effective_bias(logits_layer)
+        effective_bias(logits_layer, classes)
         if has_bias(logits_layer)
-        else np.zeros([logits.shape[-1]], np.float32)
+        else np.zeros([classes], np.float32)
     )
     # Weakly keyed and holding no reference to either model, so both can be collected.
     _EXPOSED[exposed] = ExposedModel(
         logits_layer=logits_layer,
         layers=tuple(intermediates),
-        biases=tuple(effective_bias(layer) for layer in intermediates),
-        logits_bias=np.broadcast_to(logits_bias, [logits.shape[-1]]).astype(np.float32),
+        biases=tuple(
+            effective_bias(layer, outputs[id(layer)][0].shape[-1]) for layer in intermediates
+        ),
+        logits_bias=logits_bias,
     )
     return exposed
 

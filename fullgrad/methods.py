@@ -196,6 +196,8 @@ class FullGrad:
             Same traced pass, same logits and residual; only the post-processing differs.
             (The authors' released ``simple_fullgrad.py`` differs again: it keeps the
             per-term min-max and uses the raw gradients at the layers without the biases.)
+        logits_layer: The layer (or its name) whose output are the class scores, when
+            ``inspection.get_logits_layer`` does not find it.
 
     Example:
         >>> explainer = FullGrad(model)
@@ -215,14 +217,17 @@ class FullGrad:
         jit_compile: bool = False,
         precision: str = "float32",
         variant: str = "fullgrad",
+        logits_layer: keras.layers.Layer | str | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         exposure = inspection.exposure_of(model)
+        if exposure is not None and logits_layer is not None:
+            raise ValueError("this model is already exposed; pass logits_layer= to expose")
         if exposure is None and len(model.outputs) == 1:
-            logits_layer = inspection.get_logits_layer(model)
+            logits_layer = inspection.get_logits_layer(model, logits_layer)
             layers, _ = inspection.layers_with_biases(model, exclude=[logits_layer])
             model = inspection.expose(model, layers, logits_layer)
             exposure = inspection.exposure_of(model)
@@ -585,6 +590,7 @@ def full_gradients(
     normalize_channels: bool = False,
     jit_compile: bool = False,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
+    logits_layer: keras.layers.Layer | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """FullGrad maps for the units ``indices``, following keras-explainable's call.
 
@@ -598,6 +604,7 @@ def full_gradients(
         normalize_channels: The paper's per-channel normalisation instead of per-term.
         jit_compile: Compile with XLA.
         batch_size: Images per step; all at once when None.
+        logits_layer: The layer (or its name) whose output are the class scores.
 
     Returns:
         ``(logits, maps)``: ``[B, k]`` pre-activation logits of the explained units and
@@ -609,7 +616,13 @@ def full_gradients(
         >>> model = ke.inspection.expose(model, inters, logits)
         >>> logits, maps = ke.full_gradients(model, x, y, biases=biases)
     """
-    engine = _engine(model, biases, normalize_channels=normalize_channels, jit_compile=jit_compile)
+    engine = _engine(
+        model,
+        biases,
+        normalize_channels=normalize_channels,
+        jit_compile=jit_compile,
+        logits_layer=logits_layer,
+    )
     result = engine.compute(inputs, indices, batch_size=batch_size)
     return result.logits, result.maps
 
@@ -619,6 +632,8 @@ def decompose(
     inputs: Any,
     targets: Any = None,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
+    *,
+    logits_layer: keras.layers.Layer | str | None = None,
 ) -> Decomposition:
     """The full-gradient decomposition of each image's explained logit, in a traced step.
 
@@ -627,6 +642,7 @@ def decompose(
         inputs: ``[B, ...]`` preprocessed inputs.
         targets: ``[B]`` classes; the top-1 class when None.
         batch_size: Images per step; all at once when None.
+        logits_layer: The layer (or its name) whose output are the class scores.
 
     Returns:
         A ``Decomposition`` with ``.logits``, ``.input``, ``.biases``, ``.logits_bias`` and
@@ -636,4 +652,6 @@ def decompose(
         >>> parts = ke.decompose(model, x)
         >>> np.testing.assert_allclose(parts.logits, parts.reconstruction, rtol=1e-4)
     """
-    return _engine(model, None).decompose(inputs, targets, batch_size=batch_size)
+    return _engine(model, None, logits_layer=logits_layer).decompose(
+        inputs, targets, batch_size=batch_size
+    )

@@ -12,6 +12,7 @@ import pytest
 
 import fullgrad as ke
 from tests.method.conftest import randomise
+from tests.method.originals import pre_activation_logits
 
 L = keras.layers
 
@@ -89,7 +90,28 @@ def _conv1d_inside_image_net() -> keras.Model:
     return keras.Model(inputs, outputs)
 
 
+def _nested_deep_mixed_net() -> keras.Model:
+    """Functional > Sequential > Functional > Sequential, with preprocessing inside."""
+    innermost = keras.Sequential(
+        [L.Conv2D(6, 1, activation="relu"), L.BatchNormalization()], name="innermost"
+    )
+    inner_in = keras.Input((14, 14, 6))
+    inner = keras.Model(inner_in, L.Add()([inner_in, innermost(inner_in)]), name="inner")
+    middle = keras.Sequential(
+        [keras.Input((14, 14, 3)), L.Conv2D(6, 3, padding="same"), inner, L.ReLU()],
+        name="middle",
+    )
+    inputs = keras.Input((14, 14, 3))
+    x = L.Rescaling(1.0 / 4.0, offset=[0.5, -0.5, 0.25])(inputs)
+    x = middle(x)
+    x = L.Conv2D(4, 3, activation="relu")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    outputs = L.Dense(5, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
 ARCHITECTURES = {
+    "nested_deep_mixed": (_nested_deep_mixed_net, (14, 14, 3)),
     "residual_separable_depthwise_concat": (_residual_net, (16, 16, 3)),
     "transpose_conv": (_transpose_net, (12, 12, 2)),
     "nested_model": (_nested_net, (16, 16, 3)),
@@ -111,6 +133,27 @@ def test_completeness_on_random_architectures(name, seed):
     # every bias term takes part (no silently-dropped layer): none is identically zero
     assert all(np.abs(term).sum() > 0 for term in parts.biases)
     assert np.abs(parts.logits_bias).sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_exposed_logits_equal_the_original_model(name):
+    """An inlined model must compute the original's function, not only be complete."""
+    build, shape = ARCHITECTURES[name]
+    keras.utils.set_random_seed(0)
+    model = randomise(build(), 0)
+    x = np.random.default_rng(0).normal(0, 1, (5, *shape)).astype(np.float32)
+    exposed = ke.FullGrad(model).model
+    np.testing.assert_allclose(
+        exposed(x)[0].numpy(), pre_activation_logits(model, x), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_deep_nesting_exposes_every_inner_bias_layer():
+    model = _nested_deep_mixed_net()
+    layers, _ = ke.inspection.layers_with_biases(model)
+    kinds = sorted(type(layer).__name__ for layer in layers)
+    assert kinds == ["BatchNormalization", "Conv2D", "Conv2D", "Conv2D", "Dense", "Rescaling"]
+    assert len(ke.FullGrad(model).model.outputs) == 6
 
 
 def test_layers_found_include_every_kind():
@@ -148,10 +191,22 @@ def test_nested_bias_layers_are_exposed_individually():
     assert len(exposed.outputs) == 4
 
 
+def _attention(x):
+    tokens = L.Reshape((100, 6))(x)
+    tokens = L.MultiHeadAttention(num_heads=2, key_dim=3)(tokens, tokens)
+    return L.Reshape((10, 10, 6))(tokens)
+
+
 @pytest.mark.parametrize(
     "activation_layer",
-    [lambda: L.Activation("swish"), lambda: L.Activation("gelu"), lambda: L.LayerNormalization()],
-    ids=["swish", "gelu", "layernorm"],
+    [
+        lambda: L.Activation("swish"),
+        lambda: L.Activation("gelu"),
+        lambda: L.Activation("hard_swish"),
+        lambda: L.LayerNormalization(),
+        lambda: _attention,
+    ],
+    ids=["swish", "gelu", "hard_swish", "layernorm", "attention"],
 )
 def test_smooth_nets_report_the_residual_without_failing(activation_layer):
     keras.utils.set_random_seed(5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fullgrad as ke
-from tests.method.reference import reference_fullgrad
+from tests.method.reference import reference_decomposition, reference_fullgrad
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -33,12 +33,25 @@ def test_per_channel_normalisation_changes_the_map(sequential_model, rng):
     assert np.abs(per_term - per_channel).max() > 1e-2
 
 
-def test_decomposition_terms_equal_reference_sum(sequential_model, rng):
+def test_decomposition_terms_equal_reference_terms(sequential_model, rng):
     x = rng.uniform(-1, 1, (3, 20, 20, 3)).astype(np.float32)
     parts = ke.decompose(sequential_model, x, targets=[0, 1, 2])
-    ref_logits, _, _ = reference_fullgrad(sequential_model, x, np.array([[0], [1], [2]]))
+    ref_logits, ref_input, ref_biases, ref_logits_bias = reference_decomposition(
+        sequential_model, x, np.array([[0], [1], [2]])
+    )
     np.testing.assert_allclose(parts.logits, ref_logits[:, 0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(parts.targets, [0, 1, 2])
-    # five bias layers besides the classifier: conv, BN, depthwise, conv, BN, BN, dense
-    assert len(parts.biases) == 7
-    assert parts.input.shape == x.shape
+    # seven bias layers besides the classifier: conv, BN, depthwise, conv, BN, BN, dense
+    assert len(parts.biases) == len(ref_biases) == 7
+    assert_terms_equal(parts, ref_input, ref_biases, ref_logits_bias)
+
+
+def assert_terms_equal(parts, ref_input, ref_biases, ref_logits_bias, atol=1e-6):
+    """Every term of ``parts`` equals the reference's, in the same layer order."""
+    scale = max(np.abs(ref_input).max(), *(np.abs(t).max() for t in ref_biases), 1e-12)
+    np.testing.assert_allclose(parts.input, ref_input, rtol=1e-5, atol=atol * scale)
+    assert len(parts.biases) == len(ref_biases)
+    for name, term, ref in zip(parts.layer_names, parts.biases, ref_biases, strict=True):
+        assert term.shape == ref.shape, name
+        np.testing.assert_allclose(term, ref, rtol=1e-5, atol=atol * scale, err_msg=name)
+    np.testing.assert_allclose(parts.logits_bias, ref_logits_bias, rtol=1e-6, atol=1e-7)
