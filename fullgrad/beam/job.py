@@ -216,7 +216,10 @@ def check_model(config: JobConfig) -> tuple[int, int]:
     except FileNotFoundError as error:
         raise JobError(f"--model: {error}") from error
     except ModelLoadError as error:
-        raise JobError(f"--model: {error}") from error
+        message = str(error)
+        if error.unsafe_argument:  # name the flag, not the Python argument
+            message = message.replace(error.unsafe_argument, "--unsafe-model")
+        raise JobError(f"--model: {message}") from error
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise JobError(f"--model {config.model}: expected one input and one output")
     shape = tuple(model.inputs[0].shape)

@@ -269,7 +269,8 @@ def test_a_lambda_model_is_refused_without_unsafe_model(tmp_path, capsys):
     model = lambda_model(str(tmp_path / "lambda.keras"))
     status, error = _cli(tmp_path, capsys, "--input", str(tmp_path / "*.parquet"),
                          "--model", model)
-    assert status == 2 and "safe_mode" in error, error
+    # The CLI names its own flag, not the Python argument (issue 11).
+    assert status == 2 and "--unsafe-model" in error and "safe_mode=False" not in error, error
     assert not (tmp_path / "out").exists()
 
 
