@@ -11,6 +11,7 @@ import pytest
 
 from fullgrad import record
 from fullgrad.images import decode_image, encode_jpeg
+from fullgrad.parts import PARTS
 
 
 def make_record(index: int, rng: np.random.Generator, with_mask: bool) -> dict:
@@ -36,6 +37,14 @@ def make_record(index: int, rng: np.random.Generator, with_mask: bool) -> dict:
         "mask_area": float(mask.mean()) if with_mask else math.nan,
         "border_lift": -0.05,
         "mask_lift": 0.4 if with_mask else math.nan,
+        # Part maps on some records only: a nullable tensor column with nulls between values.
+        "part_maps": rng.uniform(size=(len(PARTS), 12, 12)).astype(np.float32)
+        if index % 3 == 0
+        else None,
+        **{
+            name: (0.1 * position if with_mask or "mask" not in name else math.nan)
+            for position, name in enumerate(record.PART_STATISTIC_COLUMNS)
+        },
     }
     assert set(record.STATISTIC_COLUMNS) <= set(values)
     return values
@@ -53,6 +62,15 @@ def test_fields_name_every_column_once():
     assert record.schema(12, "float16").names == names
     assert set(record.STATISTIC_COLUMNS) <= set(names)
     assert set(record.STATISTICS) < set(record.STATISTIC_COLUMNS)
+    assert record.schema(12, "uint8").field("part_maps").type.shape == [len(PARTS), 12, 12]
+
+
+def test_part_columns_are_generated_from_parts_and_statistics():
+    assert len(record.PART_STATISTIC_COLUMNS) == len(PARTS) * len(record.PART_STATISTICS)
+    assert record.part_column("input", "border_lift") == "input_border_lift"
+    assert "bias_coarse_mask_lift" in record.PART_STATISTIC_COLUMNS
+    with pytest.raises(ValueError):
+        record.part_column("input", "entropy")
 
 
 def check_same(back: dict, original: dict, map_atol: float) -> None:
@@ -61,8 +79,12 @@ def check_same(back: dict, original: dict, map_atol: float) -> None:
         expected = original[name]
         expected = expected.tolist() if isinstance(expected, np.ndarray) else expected
         assert back[name] == (None if expected is None else expected), name
-    for name in ("logit", "residual", *record.STATISTIC_COLUMNS):
+    for name in ("logit", "residual", *record.STATISTIC_COLUMNS, *record.PART_STATISTIC_COLUMNS):
         np.testing.assert_allclose(back[name], original[name], rtol=1e-6, err_msg=name)
+    if original["part_maps"] is None:
+        assert back["part_maps"] is None
+    else:
+        np.testing.assert_allclose(back["part_maps"], original["part_maps"], atol=map_atol)
     np.testing.assert_allclose(back["topk_logits"], original["topk_logits"], rtol=1e-6)
     np.testing.assert_allclose(back["map"], original["map"], atol=map_atol)
     # The thumbnail is stored as JPEG: it comes back as the JPEG decodes.
