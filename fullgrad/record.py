@@ -13,8 +13,10 @@ when unknown). Two stored forms:
 - Arrow (``maps-*.parquet``): :func:`schema`, :func:`to_table`, :func:`from_table`,
   :func:`read_maps`. ``map`` is a ``fixed_shape_tensor`` column of the chosen dtype; ``uint8``
   maps hold ``round(map * 255)`` and the schema metadata (``fullgrad.map_scale``) says how to
-  undo it; ``part_maps`` is a nullable ``fixed_shape_tensor`` ``[P, h, w]`` of the same dtype
-  and scale. Thumbnails are JPEG, masks PNG (lossless: they are measured); non-finite statistics
+  undo it. ``part_maps`` is a ``fixed_shape_tensor`` ``[P, h, w]`` of the same dtype and scale,
+  a column only of a schema asked for it (``schema(..., part_maps=True)``), and then in every
+  row: Arrow's Parquet reader cannot read null fixed-size lists (apache/arrow#35692), so an
+  absent column, not null rows, says "no part maps". Thumbnails are JPEG, masks PNG (lossless: they are measured); non-finite statistics
   are null.
 - ``tf.train.Example`` (``maps-*.tfrecord``): :func:`to_example`, :func:`from_example`. The map
   is raw bytes of its dtype with ``map/shape`` and ``map/dtype`` (``part_maps`` likewise, with
@@ -209,12 +211,19 @@ def explained(request: Mapping[str, Any], inference: Mapping[str, Any]) -> dict[
 # -- Arrow -----------------------------------------------------------------------------------
 
 
-def schema(map_size: int, map_dtype: str) -> pa.Schema:
+def schema(map_size: int, map_dtype: str, part_maps: bool = False) -> pa.Schema:
     """The Arrow schema of ``maps-*.parquet``: ``map`` is a ``fixed_shape_tensor`` ``[h, w]``.
+
+    Args:
+        map_size: The maps' side.
+        map_dtype: One of :data:`MAP_DTYPES`.
+        part_maps: Include the ``part_maps`` column ``[P, h, w]`` (every row must have them).
 
     Example:
         >>> schema(56, "uint8").field("map").type.shape
         [56, 56]
+        >>> schema(56, "uint8", part_maps=True).field("part_maps").type.shape
+        [4, 56, 56]
     """
     if map_dtype not in MAP_DTYPES:
         raise ValueError(f"map dtype must be one of {MAP_DTYPES}, got {map_dtype!r}")
@@ -226,6 +235,7 @@ def schema(map_size: int, map_dtype: str) -> pa.Schema:
             # Every column is nullable in Arrow, as written since the first version.
             pa.field(f.name, arrow[f.kind] if f.kind in arrow else _KINDS[f.kind].arrow)
             for f in FIELDS
+            if part_maps or f.kind != "parts"
         ],
         metadata={
             "fullgrad.map_dtype": map_dtype,
@@ -253,6 +263,8 @@ def to_table(records: Sequence[Mapping[str, Any]], table_schema: pa.Schema) -> p
     columns = {}
     dtype = table_schema.metadata[b"fullgrad.map_dtype"].decode()
     for field in FIELDS:
+        if field.name not in table_schema.names:
+            continue  # part_maps, unless asked for
         arrow_type = table_schema.field(field.name).type
         if field.kind in ("map", "parts"):
             columns[field.name] = _tensor_column(
@@ -268,34 +280,27 @@ def to_table(records: Sequence[Mapping[str, Any]], table_schema: pa.Schema) -> p
 
 
 def _tensor_column(arrays: Sequence[Any], arrow_type: Any, dtype: str) -> pa.ExtensionArray:
-    """A ``fixed_shape_tensor`` column; a None array is a null row (all zeros underneath)."""
+    """A ``fixed_shape_tensor`` column of one array per row (none may be missing)."""
+    if any(a is None for a in arrays):
+        raise ValueError(
+            "a record has no part maps but the schema stores them: explain with parts=True"
+        )
     shape = tuple(arrow_type.shape)
-    missing = np.array([a is None for a in arrays])
-    stacked = np.stack(
-        [np.zeros(shape, np.float32) if a is None else np.asarray(a) for a in arrays]
-    ).reshape(len(arrays), *shape)
+    stacked = np.stack([np.asarray(a) for a in arrays]).reshape(len(arrays), *shape)
     storage = pa.FixedSizeListArray.from_arrays(
         pa.array(_cast_maps(stacked, dtype).reshape(-1), type=arrow_type.value_type),
         int(np.prod(shape)),
-        mask=pa.array(missing) if missing.any() else None,
     )
     return pa.ExtensionArray.from_storage(arrow_type, storage)
 
 
 def _read_part_maps(table: pa.Table) -> list[np.ndarray | None]:
-    """The ``part_maps`` column as float32 ``[P, h, w]`` arrays (None where null or absent)."""
+    """The ``part_maps`` column as float32 ``[P, h, w]`` arrays; None when there is none."""
     if "part_maps" not in table.column_names:
         return [None] * table.num_rows
     column = table.column("part_maps").combine_chunks()
-    valid = column.storage.is_valid().to_numpy(zero_copy_only=False)
-    if not valid.any():
-        return [None] * table.num_rows
-    shape = tuple(column.type.shape)
-    values = column.storage.flatten().to_numpy(zero_copy_only=False)
-    # flatten() skips the values of null rows: the valid rows' values, in order.
-    stacked = values.reshape(-1, *shape).astype(np.float32) / _map_scale(table.schema.metadata)
-    rows = iter(stacked)
-    return [next(rows) if ok else None for ok in valid]
+    stacked = column.to_numpy_ndarray().astype(np.float32) / _map_scale(table.schema.metadata)
+    return list(stacked)
 
 
 def read_maps(table: pa.Table) -> np.ndarray:
