@@ -190,6 +190,10 @@ class JobConfig:
     )
     audit: bool = _setting(False, help="run the attribution audit in the same pass",
                            group="output")
+    part_maps: bool = _setting(
+        False, help="store the map's parts [P, h, w] (input term, bias terms by resolution) "
+        "as the part_maps column; explained in the same pass, as with --audit", group="output",
+    )
     overwrite: bool = _setting(
         False, help="replace an earlier run's outputs (default: refuse)", group="output",
         kfp=False,  # a Kubeflow task always owns its output folder

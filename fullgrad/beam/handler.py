@@ -10,7 +10,8 @@ Each element is an *explain request*, a dict with at least ``"image"`` (float32 
 preprocessed) and ``"target"`` (a class index, or ``TARGET_PREDICTED`` for the top-1 class);
 other keys ride along untouched in ``PredictionResult.example``. ``PredictionResult.inference``
 is a dict of numpy values: ``map`` ``[H, W]`` float32 in [0, 1], ``target``, ``logit``,
-``residual``, ``topk_classes``, ``topk_logits`` -- or ``error`` (a string) when that image
+``residual``, ``topk_classes``, ``topk_logits`` (and ``part_maps`` ``[P, H, W]`` when the
+handler was asked for parts) -- or ``error`` (a string) when that image
 failed while its batch-mates succeeded.
 
 Example Usage:
@@ -64,6 +65,7 @@ class LoadedExplainer:
         top_k: How many top predictions to return per image.
         safe_mode: Keras' safe_mode.
         logits_layer: The layer whose output is the logits; found through the head when None.
+        parts: Also return the map's parts (``FullGrad.compute(..., parts=True)``, same pass).
 
     Example:
         >>> explainer = LoadedExplainer("model.keras", image_size=32)
@@ -79,6 +81,7 @@ class LoadedExplainer:
         top_k: int = 5,
         safe_mode: bool = True,
         logits_layer: str | None = None,
+        parts: bool = False,
     ) -> None:
         _enable_gpu_memory_growth()
         import fullgrad
@@ -88,6 +91,7 @@ class LoadedExplainer:
         self.engine = fullgrad.FullGrad(model, **options)
         self.num_classes = int(model.outputs[0].shape[-1])
         self.top_k = max(1, min(int(top_k), self.num_classes))
+        self.parts = bool(parts)
         # Trace now, on one dummy image: the signature has a free batch dimension, so no batch
         # size traces again and the first real batch pays no tracing cost.
         channels = int(model.inputs[0].shape[-1] or 3)
@@ -103,12 +107,17 @@ class LoadedExplainer:
 
         Returns:
             ``maps [B, H, W]``, ``targets [B]``, ``logits [B]``, ``residual [B]``,
-            ``topk_classes [B, k]``, ``topk_logits [B, k]``: numpy arrays.
+            ``topk_classes [B, k]``, ``topk_logits [B, k]``, and ``part_maps [B, P, H, W]``
+            when built with ``parts=True``: numpy arrays.
         """
         targets = np.asarray(targets, np.int32).reshape(-1, 1)
-        result = self.engine.compute(np.asarray(images, np.float32), targets, batch_size=None)
+        result = self.engine.compute(
+            np.asarray(images, np.float32), targets, batch_size=None, parts=self.parts
+        )
         order = np.argsort(-result.all_logits, axis=1, kind="stable")[:, : self.top_k]
+        extra = {"part_maps": result.parts[..., 0]} if self.parts else {}
         return {
+            **extra,
             "maps": result.maps[..., 0],
             "targets": result.targets[:, 0],
             "logits": result.logits[:, 0],
@@ -125,6 +134,8 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         model_path: The ``.keras`` / ``.h5`` classifier, local or ``gs://`` / ``s3://``.
         image_size: The side of the (square) preprocessed images.
         logits_layer: The layer whose output is the logits; found through the head when None.
+        parts: Also explain the map's parts (input term, bias groups) in the same pass; each
+            inference then has ``part_maps`` ``[P, H, W]``.
         top_k: Top predictions kept per image.
         safe_mode: Keras' safe_mode when loading.
         min_batch_size: Smallest batch ``BatchElements`` forms.
@@ -145,6 +156,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         image_size: int,
         *,
         logits_layer: str | None = None,
+        parts: bool = False,
         top_k: int = 5,
         safe_mode: bool = True,
         min_batch_size: int | None = None,
@@ -163,6 +175,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         self.model_path = model_path
         self.image_size = int(image_size)
         self.logits_layer = logits_layer
+        self.parts = bool(parts)
         self.top_k = int(top_k)
         self.safe_mode = safe_mode
         # RunInference counts inferences (num_inferences) and times batches
@@ -180,6 +193,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
             top_k=self.top_k,
             safe_mode=self.safe_mode,
             logits_layer=self.logits_layer,
+            parts=self.parts,
         )
         # DoFn.setup (where RunInference loads) has no metrics context: counted at first use.
         self._unreported_loads += 1
@@ -232,6 +246,8 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
                     "topk_classes": output["topk_classes"][index],
                     "topk_logits": output["topk_logits"][index],
                 }
+                if "part_maps" in output:
+                    inference["part_maps"] = output["part_maps"][index]
                 results.append(PredictionResult(request, inference))
         return results
 

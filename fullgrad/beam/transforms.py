@@ -222,6 +222,10 @@ class ToRecords(beam.DoFn):
             return
         saliency = np.asarray(inference["map"], np.float32)
         scalars = [inference["logit"], inference["residual"]]
+        part_maps = inference.get("part_maps")
+        if part_maps is not None:
+            part_maps = np.stack([resize_map(p, self._map_size) for p in part_maps])
+            scalars.append(float(np.sum(part_maps)))  # finite iff every part is
         if not (np.all(np.isfinite(saliency)) and np.all(np.isfinite(scalars))):
             yield beam.pvalue.TaggedOutput(
                 "dead",
@@ -230,7 +234,8 @@ class ToRecords(beam.DoFn):
             return
         self._explained.inc()
         self._progress()
-        yield explained(request, {**inference, "map": resize_map(saliency, self._map_size)})
+        resized = {"map": resize_map(saliency, self._map_size), "part_maps": part_maps}
+        yield explained(request, {**inference, **resized})
 
     def _progress(self) -> None:
         self._count += 1
@@ -263,6 +268,7 @@ def handler_for(config: JobConfig) -> FullGradModelHandler:
         config.model,
         config.image_size,
         logits_layer=config.logits_layer,
+        parts=config.audit or config.part_maps,
         top_k=config.top_k,
         safe_mode=config.safe_mode,
         min_batch_size=config.min_batch_size or config.batch_size,
