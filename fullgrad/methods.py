@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from fullgrad import inspection
+from fullgrad.parts import PARTS, part_of_resolution
 from fullgrad.targets import TARGET_PREDICTED
 
 __all__ = [
@@ -103,6 +104,10 @@ class FullGradResult:
         logits: ``[B, k]`` float32, the explained pre-activation logits.
         all_logits: ``[B, classes]`` float32, every pre-activation logit (for top-k).
         residual: ``[B, k]`` float32, the relative completeness error (see ``Decomposition``).
+        parts: ``[B, P, H, W, k]`` float32 in [0, 1], the map's parts (``fullgrad.parts.PARTS``:
+            the input term, then the bias terms grouped by resolution), each the sum of its
+            post-processed terms min-max normalised per image; None unless
+            ``compute(..., parts=True)``.
     """
 
     maps: np.ndarray
@@ -110,6 +115,7 @@ class FullGradResult:
     logits: np.ndarray
     all_logits: np.ndarray
     residual: np.ndarray
+    parts: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +301,12 @@ class FullGrad:
         return self.explain(inputs, targets, batch_size=batch_size)
 
     def compute(
-        self, inputs: Any, targets: Any = None, batch_size: int | None = DEFAULT_BATCH_SIZE
+        self,
+        inputs: Any,
+        targets: Any = None,
+        batch_size: int | None = DEFAULT_BATCH_SIZE,
+        *,
+        parts: bool = False,
     ) -> FullGradResult:
         """Explains ``inputs`` and returns maps, targets, logits and completeness residuals.
 
@@ -303,22 +314,31 @@ class FullGrad:
             inputs: As for ``explain``.
             targets: ``[B, k]`` (or ``[B]``) unit indices; the top-1 class when None.
             batch_size: Images per step; all at once when None.
+            parts: Also return the map's parts (``FullGradResult.parts``), from the same
+                gradients in the same step; the maps are the same to the last bit either way.
+                Off by default: the default step does no parts work.
 
         Returns:
             A ``FullGradResult`` of numpy arrays.
 
         Example:
-            >>> result = FullGrad(model).compute(images)
-            >>> result.maps.shape, result.residual.max()
+            >>> result = FullGrad(model).compute(images, parts=True)
+            >>> result.maps.shape, result.parts.shape     # [B, H, W, 1], [B, 4, H, W, 1]
         """
         pad_to = batch_size if self.jit_compile else None
-        parts = [
-            self._compute_batch(x, y, pad_to) for x, y in _batches(inputs, targets, batch_size)
+        batches = [
+            self._compute_batch(x, y, pad_to, parts)
+            for x, y in _batches(inputs, targets, batch_size)
         ]
-        if not parts:
+        if not batches:
             raise ValueError("no inputs to explain")
         return FullGradResult(
-            *[np.concatenate(arrays) for arrays in zip(*[dataclasses.astuple(p) for p in parts])]
+            **{
+                field.name: None
+                if getattr(batches[0], field.name) is None
+                else np.concatenate([getattr(b, field.name) for b in batches])
+                for field in dataclasses.fields(FullGradResult)
+            }
         )
 
     def decompose(
@@ -377,7 +397,11 @@ class FullGrad:
         return step
 
     def _compute_batch(
-        self, x: np.ndarray | tf.Tensor, y: np.ndarray | None, pad_to: int | None = None
+        self,
+        x: np.ndarray | tf.Tensor,
+        y: np.ndarray | None,
+        pad_to: int | None = None,
+        parts: bool = False,
     ) -> FullGradResult:
         x = tf.cast(tf.convert_to_tensor(x), tf.float32)
         count = int(x.shape[0])
@@ -387,7 +411,10 @@ class FullGrad:
             # One batch shape per input shape: an XLA step compiles again for every new one.
             x = tf.pad(x, [[0, pad_to - count]] + [[0, 0]] * (x.shape.rank - 1))
             y = tf.pad(y, [[0, pad_to - count], [0, 0]], constant_values=TARGET_PREDICTED)
-        outputs = self._traced(self._step, "compute", x, k)(x, y)
+        step = self._traced(self._step_with_parts, "parts", x, k) if parts else self._traced(
+            self._step, "compute", x, k
+        )
+        outputs = step(x, y)
         return FullGradResult(**{name: value[:count].numpy() for name, value in outputs.items()})
 
     def _gradients(self, x: tf.Tensor, y: tf.Tensor):
@@ -419,37 +446,52 @@ class FullGrad:
             bias_grads.append([tf.cast(g, tf.float32) for g in grads[1:]])
         return all_logits, logits, targets, input_terms, bias_grads
 
-    def _step(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _step_with_parts(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._step(x, y, parts=True)
+
+    def _step(self, x: tf.Tensor, y: tf.Tensor, parts: bool = False) -> dict[str, tf.Tensor]:
         all_logits, logits, targets, input_terms, bias_grads = self._gradients(x, y)
         height, width = x.shape[1], x.shape[2]
         spatial_rank = x.shape.rank
-        maps, unit_sums = [], []
+        maps, unit_sums, unit_parts = [], [], []
         for input_term, grads in zip(input_terms, bias_grads, strict=True):
             by_resolution: dict[tuple[int, int], tf.Tensor] = {}
-            _accumulate(by_resolution, self._post_process(tf.abs(input_term)))
+            input_partial = self._post_process(tf.abs(input_term))
+            _accumulate(by_resolution, input_partial)
+            bias_partials: dict[tuple[int, int], tf.Tensor] = {}
             sums = [tf.reduce_sum(input_term, axis=list(range(1, spatial_rank)))]
             for grad, bias in zip(grads, self._biases, strict=True):
                 if grad.shape.rank == spatial_rank:  # dense terms: completeness, not the map
                     partial, term_sum = self._post_process_bias(grad, bias)
                     _accumulate(by_resolution, partial)
+                    if parts:
+                        _accumulate(bias_partials, partial)
                 else:
                     term_sum = _per_image_sum(grad * bias)
                 sums.append(term_sum)
+            # The map is summed in the same order with or without parts: the same bits.
             saliency = by_resolution.pop((height, width))
-            for partial in by_resolution.values():
-                saliency += _resize_bilinear(partial, (height, width))
+            resized = {}
+            for size, partial in by_resolution.items():
+                resized[size] = _resize_bilinear(partial, (height, width))
+                saliency += resized[size]
             maps.append(_minmax(saliency, axes=[1, 2]))
             unit_sums.append(tf.stack(sums, axis=1))
+            if parts:
+                unit_parts.append(_part_maps(input_partial, bias_partials, resized))
         _, residual = completeness(
             logits, tf.stack(unit_sums, axis=1), tf.gather(self._logits_bias, targets)
         )
-        return {
+        outputs = {
             "maps": tf.stack(maps, axis=-1),
             "targets": targets,
             "logits": logits,
             "all_logits": all_logits,
             "residual": residual,
         }
+        if parts:
+            outputs["parts"] = tf.stack(unit_parts, axis=-1)
+        return outputs
 
     def _decompose_step(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, Any]:
         _, logits, targets, input_terms, bias_grads = self._gradients(x, y)
@@ -495,6 +537,27 @@ class FullGrad:
             summed = tf.reduce_sum(magnitude, axis=-1)
             partial = (summed - channels * low[:, None, None]) / (high - low + _EPS)[:, None, None]
         return partial, tf.reduce_sum(tf.reduce_sum(weighted, axis=-1), axis=[1, 2])
+
+
+def _part_maps(
+    input_partial: tf.Tensor,
+    bias_partials: dict[tuple[int, int], tf.Tensor],
+    resized: dict[tuple[int, int], tf.Tensor],
+) -> tf.Tensor:
+    """``[B, P, H, W]``: the input part and each bias group (``fullgrad.parts``), min-max'd.
+
+    ``bias_partials`` holds the post-processed bias terms summed per resolution; ``resized``
+    the same sums already upsampled to the input's size for the map (below the input's
+    resolution the input term is not mixed in), so no term is resized twice.
+    """
+    size = (input_partial.shape[1], input_partial.shape[2])
+    groups = {name: tf.zeros_like(input_partial) for name in PARTS[1:]}
+    for resolution, partial in bias_partials.items():
+        upsampled = partial if resolution == size else resized[resolution]
+        group = part_of_resolution(resolution, size)
+        groups[group] = groups[group] + upsampled
+    stacked = [input_partial, *(groups[name] for name in PARTS[1:])]
+    return tf.stack([_minmax(part, axes=[1, 2]) for part in stacked], axis=1)
 
 
 def _per_image_sum(tensor: tf.Tensor) -> tf.Tensor:

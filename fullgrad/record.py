@@ -6,15 +6,21 @@ Kubeflow tasks, the tests) goes through this module, so adding a column is one n
 :class:`Field` here.
 
 In Python, ``map`` is float32 ``[h, w]`` in [0, 1], ``thumbnail`` uint8 ``[h, w, 3]``, ``mask``
-bool ``[h, w]`` or None, the statistics floats (NaN when unknown). Two stored forms:
+bool ``[h, w]`` or None, ``part_maps`` float32 ``[P, h, w]`` in [0, 1] or None (the map's parts,
+:data:`fullgrad.parts.PARTS`; stored only when the job is asked to), the statistics floats (NaN
+when unknown). Two stored forms:
 
 - Arrow (``maps-*.parquet``): :func:`schema`, :func:`to_table`, :func:`from_table`,
   :func:`read_maps`. ``map`` is a ``fixed_shape_tensor`` column of the chosen dtype; ``uint8``
   maps hold ``round(map * 255)`` and the schema metadata (``fullgrad.map_scale``) says how to
-  undo it. Thumbnails are JPEG, masks PNG (lossless: they are measured); non-finite statistics
+  undo it. ``part_maps`` is a ``fixed_shape_tensor`` ``[P, h, w]`` of the same dtype and scale,
+  a column only of a schema asked for it (``schema(..., part_maps=True)``), and then in every
+  row: Arrow's Parquet reader cannot read null fixed-size lists (apache/arrow#35692), so an
+  absent column, not null rows, says "no part maps". Thumbnails are JPEG, masks PNG (lossless: they are measured); non-finite statistics
   are null.
 - ``tf.train.Example`` (``maps-*.tfrecord``): :func:`to_example`, :func:`from_example`. The map
-  is raw bytes of its dtype with ``map/shape`` and ``map/dtype``; a null field is left out.
+  is raw bytes of its dtype with ``map/shape`` and ``map/dtype`` (``part_maps`` likewise, with
+  ``part_maps/shape``); a null field is left out.
 
 A *dead letter* (:func:`dead_letter`, :data:`DEAD_LETTER_SCHEMA`) is an input that failed, with
 the stage and the reason.
@@ -36,11 +42,14 @@ import numpy as np
 import pyarrow as pa
 
 from fullgrad.images import decode_image, decode_mask, encode_jpeg, encode_png
+from fullgrad.parts import PARTS
 
 __all__ = [
     "DEAD_LETTER_SCHEMA",
     "FIELDS",
     "MAP_DTYPES",
+    "PART_STATISTICS",
+    "PART_STATISTIC_COLUMNS",
     "STATISTICS",
     "STATISTIC_COLUMNS",
     "Field",
@@ -49,6 +58,7 @@ __all__ = [
     "explained",
     "from_example",
     "from_table",
+    "part_column",
     "read_maps",
     "schema",
     "to_example",
@@ -67,6 +77,10 @@ STATISTICS = (
 )
 #: Every statistic stored as a column: the map's statistics and the object mask's area share.
 STATISTIC_COLUMNS = (*STATISTICS, "mask_area")
+#: The statistics measured on each part of the map (:data:`fullgrad.parts.PARTS`).
+PART_STATISTICS = ("border_energy", "border_lift", "mask_energy", "mask_lift")
+#: Their columns, ``{part}_{statistic}``, part by part (see :func:`part_column`).
+PART_STATISTIC_COLUMNS = tuple(f"{part}_{name}" for part in PARTS for name in PART_STATISTICS)
 #: Storage types of the ``map`` column.
 MAP_DTYPES = ("float32", "float16", "uint8")
 
@@ -115,7 +129,20 @@ _KINDS: dict[str, _Kind] = {
     "png": _Kind(pa.binary(), encode_png, lambda v, size: decode_mask(v, size),
                  lambda v: ("bytes", [encode_png(v)]), lambda v, size: decode_mask(v[0], size)),
     "map": _Kind(None, None, None, None, None),  # stored as a batch: see to_table / to_example
+    "parts": _Kind(None, None, None, None, None),  # likewise, and nullable
 }
+
+
+def part_column(part: str, statistic: str) -> str:
+    """The column of one part's statistic.
+
+    Example:
+        >>> part_column("input", "border_lift")
+        'input_border_lift'
+    """
+    if part not in PARTS or statistic not in PART_STATISTICS:
+        raise ValueError(f"no column for part {part!r} and statistic {statistic!r}")
+    return f"{part}_{statistic}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +174,12 @@ FIELDS: tuple[Field, ...] = (
     Field("map", "map", False, "the saliency map, [h, w] in [0, 1]"),
     Field("thumbnail", "jpeg", False, "the image at map size, uint8 RGB (JPEG when stored)"),
     Field("mask", "png", True, "the object mask at map size (PNG when stored)"),
+    Field("part_maps", "parts", True, "the map's parts [P, h, w] in [0, 1] (fullgrad.parts), "
+          "when asked for"),
     *(Field(name, "statistic", True, "per-image audit statistic (fullgrad.audit.stats)")
       for name in STATISTIC_COLUMNS),
+    *(Field(name, "statistic", True, "per-image audit statistic of one part of the map")
+      for name in PART_STATISTIC_COLUMNS),
 )
 
 #: Kinds whose Arrow value is also their plain Python value.
@@ -180,21 +211,31 @@ def explained(request: Mapping[str, Any], inference: Mapping[str, Any]) -> dict[
 # -- Arrow -----------------------------------------------------------------------------------
 
 
-def schema(map_size: int, map_dtype: str) -> pa.Schema:
+def schema(map_size: int, map_dtype: str, part_maps: bool = False) -> pa.Schema:
     """The Arrow schema of ``maps-*.parquet``: ``map`` is a ``fixed_shape_tensor`` ``[h, w]``.
+
+    Args:
+        map_size: The maps' side.
+        map_dtype: One of :data:`MAP_DTYPES`.
+        part_maps: Include the ``part_maps`` column ``[P, h, w]`` (every row must have them).
 
     Example:
         >>> schema(56, "uint8").field("map").type.shape
         [56, 56]
+        >>> schema(56, "uint8", part_maps=True).field("part_maps").type.shape
+        [4, 56, 56]
     """
     if map_dtype not in MAP_DTYPES:
         raise ValueError(f"map dtype must be one of {MAP_DTYPES}, got {map_dtype!r}")
     tensor = pa.fixed_shape_tensor(_MAP_ARROW[map_dtype], [map_size, map_size])
+    parts = pa.fixed_shape_tensor(_MAP_ARROW[map_dtype], [len(PARTS), map_size, map_size])
+    arrow = {"map": tensor, "parts": parts}
     return pa.schema(
         [
             # Every column is nullable in Arrow, as written since the first version.
-            pa.field(f.name, tensor if f.kind == "map" else _KINDS[f.kind].arrow)
+            pa.field(f.name, arrow[f.kind] if f.kind in arrow else _KINDS[f.kind].arrow)
             for f in FIELDS
+            if part_maps or f.kind != "parts"
         ],
         metadata={
             "fullgrad.map_dtype": map_dtype,
@@ -220,16 +261,15 @@ def to_table(records: Sequence[Mapping[str, Any]], table_schema: pa.Schema) -> p
         >>> table = to_table(records, schema(56, "uint8"))
     """
     columns = {}
+    dtype = table_schema.metadata[b"fullgrad.map_dtype"].decode()
     for field in FIELDS:
+        if field.name not in table_schema.names:
+            continue  # part_maps, unless asked for
         arrow_type = table_schema.field(field.name).type
-        if field.kind == "map":
-            dtype = table_schema.metadata[b"fullgrad.map_dtype"].decode()
-            maps = _cast_maps(np.stack([r["map"] for r in records]), dtype)
-            storage = pa.FixedSizeListArray.from_arrays(
-                pa.array(maps.reshape(-1), type=arrow_type.value_type),
-                int(np.prod(arrow_type.shape)),
+        if field.kind in ("map", "parts"):
+            columns[field.name] = _tensor_column(
+                [r.get(field.name) for r in records], arrow_type, dtype
             )
-            columns[field.name] = pa.ExtensionArray.from_storage(arrow_type, storage)
             continue
         convert = _KINDS[field.kind].to_arrow
         values = [record.get(field.name) for record in records]
@@ -237,6 +277,30 @@ def to_table(records: Sequence[Mapping[str, Any]], table_schema: pa.Schema) -> p
             [None if v is None and field.nullable else convert(v) for v in values], arrow_type
         )
     return pa.Table.from_pydict(columns, schema=table_schema)
+
+
+def _tensor_column(arrays: Sequence[Any], arrow_type: Any, dtype: str) -> pa.ExtensionArray:
+    """A ``fixed_shape_tensor`` column of one array per row (none may be missing)."""
+    if any(a is None for a in arrays):
+        raise ValueError(
+            "a record has no part maps but the schema stores them: explain with parts=True"
+        )
+    shape = tuple(arrow_type.shape)
+    stacked = np.stack([np.asarray(a) for a in arrays]).reshape(len(arrays), *shape)
+    storage = pa.FixedSizeListArray.from_arrays(
+        pa.array(_cast_maps(stacked, dtype).reshape(-1), type=arrow_type.value_type),
+        int(np.prod(shape)),
+    )
+    return pa.ExtensionArray.from_storage(arrow_type, storage)
+
+
+def _read_part_maps(table: pa.Table) -> list[np.ndarray | None]:
+    """The ``part_maps`` column as float32 ``[P, h, w]`` arrays; None when there is none."""
+    if "part_maps" not in table.column_names:
+        return [None] * table.num_rows
+    column = table.column("part_maps").combine_chunks()
+    stacked = column.to_numpy_ndarray().astype(np.float32) / _map_scale(table.schema.metadata)
+    return list(stacked)
 
 
 def read_maps(table: pa.Table) -> np.ndarray:
@@ -259,18 +323,22 @@ def from_table(table: pa.Table) -> Iterator[dict[str, Any]]:
         >>> records = list(from_table(pq.read_table("out/maps-00000-of-00001.parquet")))
     """
     maps = read_maps(table)
+    part_maps = _read_part_maps(table)
     size = tuple(maps.shape[1:3])
     present = set(table.column_names)
     columns = {
         f.name: table.column(f.name).to_pylist()
         for f in FIELDS
-        if f.kind != "map" and f.name in present
+        if f.kind not in ("map", "parts") and f.name in present
     }
     for index in range(table.num_rows):
         record = {}
         for field in FIELDS:
             if field.kind == "map":
                 record[field.name] = maps[index]
+                continue
+            if field.kind == "parts":
+                record[field.name] = part_maps[index]
                 continue
             value = columns[field.name][index] if field.name in columns else None
             if value is None:
@@ -306,6 +374,12 @@ def to_example(record: Mapping[str, Any], map_dtype: str) -> bytes:
             feature["map/shape"] = lists["int64"](list(saliency.shape))
             feature["map/dtype"] = lists["bytes"]([map_dtype.encode()])
             continue
+        if field.kind == "parts":
+            if value is not None:
+                parts = _cast_maps(np.asarray(value), map_dtype)
+                feature["part_maps"] = lists["bytes"]([parts.tobytes()])
+                feature["part_maps/shape"] = lists["int64"](list(parts.shape))
+            continue
         if field.kind == "statistic":
             value = _finite_or_none(value)
         if value is None:
@@ -340,6 +414,12 @@ def from_example(serialized: bytes) -> dict[str, Any]:
     for field in FIELDS:
         if field.kind == "map":
             record[field.name] = saliency
+        elif field.kind == "parts":
+            record[field.name] = None
+            if field.name in features:
+                raw = np.frombuffer(values(field.name)[0], dtype)
+                parts = raw.reshape(tuple(values("part_maps/shape"))).astype(np.float32)
+                record[field.name] = parts / (255.0 if dtype == "uint8" else 1.0)
         elif field.name in features:
             record[field.name] = _KINDS[field.kind].from_feature(values(field.name), shape)
         else:

@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_SMOOTH_SAMPLES",
     "FULLGRAD_KINDS",
     "MAP_KINDS",
+    "PART_MAP_KINDS",
     "BaselineExplainer",
     "SmoothFullGrad",
     "evaluation_methods",
@@ -56,6 +57,8 @@ MAP_KINDS = ("fullgrad", "simple", "smooth", "input_x_gradient", "gradcam")
 
 #: The kinds built from the full-gradient decomposition (they report its residual).
 FULLGRAD_KINDS = ("fullgrad", "simple", "smooth")
+#: The kinds whose engine also gives the map's parts (``FullGrad.compute(parts=True)``).
+PART_MAP_KINDS = ("fullgrad", "simple")
 
 #: Noisy copies per image of the smooth variant.
 DEFAULT_SMOOTH_SAMPLES = 16

@@ -1,10 +1,13 @@
 """Writes an audit: ``audit.json`` for machines and ``report.html`` for a reviewer.
 
 ``report.html`` is one self-contained file (every picture is an inline base64 PNG) with, in
-order: the verdict (flagged classes and why), the per-class table, the per-class mean maps,
-histograms of mask energy, border energy and concentration per class (with the thresholds), the
-completeness residuals, and overlays of the flagged images, the least and the most on-object
-images and the most on-border images (object mask outlined in white).
+order: the verdict (flagged classes and why, naming the part of the map), a "How to read this"
+block with the formulas, the per-class table (each location statistic beside its chance level
+and lift, and the parts' lifts), the per-class mean maps, the per-class mean maps of the map's
+parts (a grid: classes by parts), histograms of the lifts (over [-1, 1]) and of concentration
+per class (with the thresholds), the completeness residuals, and overlays of the flagged
+images, the least and the most on-object images and the most on-border images (object mask
+outlined in white).
 
 Example:
     >>> paths = write_audit(audit, "out/")
@@ -25,11 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from fullgrad.audit.parts import reason_text
+from fullgrad.audit.stats import statistic_range
+from fullgrad.parts import PART_LABELS, PARTS
+
 __all__ = ["audit_json", "render_html", "write_audit"]
 
 _STAT_LABELS = {
-    "mask_energy": "mask energy",
-    "border_energy": "border energy",
+    "mask_lift": "mask lift (over the mask's area share)",
+    "border_lift": "border lift (over the band's area share)",
     "concentration": "concentration (top 5%)",
 }
 
@@ -63,7 +70,8 @@ def audit_json(audit: Mapping[str, Any]) -> dict[str, Any]:
     Example:
         >>> json.dumps(audit_json(audit), allow_nan=False)
     """
-    out = {k: v for k, v in audit.items() if k not in ("mean_maps", "examples", "drift_maps")}
+    out = {k: v for k, v in audit.items()
+           if k not in ("mean_maps", "mean_part_maps", "examples", "drift_maps")}
     out["examples"] = {
         name: [str(r.get("id")) for r in records]
         for name, records in audit.get("examples", {}).items()
@@ -128,12 +136,44 @@ def _mean_maps_figure(audit: Mapping[str, Any]) -> str | None:
         info = classes[target]
         flag = "  FLAGGED" if info["flagged"] else ""
         axis.set_title(
-            f"class {info['name']}{flag}\nn={info['count']}, mask energy {_fmt(info['mask_energy'])}",
+            f"class {info['name']}{flag}\nn={info['count']}, mask lift {_fmt(info['mask_lift'])}",
             fontsize=8,
             color="crimson" if info["flagged"] else "black",
         )
         axis.axis("off")
         figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    return _figure_base64(figure)
+
+
+def _part_maps_figure(audit: Mapping[str, Any]) -> str | None:
+    """A grid: one row per class, the full mean map then each part's mean map."""
+    from matplotlib.figure import Figure
+
+    parts = {k: v for k, v in audit.get("mean_part_maps", {}).items() if v is not None}
+    if not parts:
+        return None
+    classes, full = audit["classes"], audit.get("mean_maps", {})
+    columns = 1 + len(PARTS)
+    figure = Figure(figsize=(1.7 * columns, 1.8 * len(parts)))
+    for row, (target, part_maps) in enumerate(parts.items()):
+        info = classes[target]
+        pictures = [("map", full.get(target)), *zip(PARTS, part_maps, strict=True)]
+        for column, (name, picture) in enumerate(pictures):
+            axis = figure.add_subplot(len(parts), columns, row * columns + column + 1)
+            axis.axis("off")
+            if picture is None:
+                continue
+            axis.imshow(picture, cmap="jet", vmin=0.0, vmax=max(float(picture.max()), 1e-6))
+            flagged = any(r.startswith(f"{name}:") for r in info["reasons"]) or (
+                name == "map" and {"off_object", "on_border"} & set(info["reasons"])
+            )
+            label = "full map" if name == "map" else PART_LABELS[name]
+            axis.set_title(
+                f"{info['name']}: {label}" if column == 0 else label,
+                fontsize=7,
+                color="crimson" if flagged else "black",
+            )
+    figure.tight_layout()
     return _figure_base64(figure)
 
 
@@ -145,8 +185,8 @@ def _histograms_figure(audit: Mapping[str, Any]) -> str | None:
         return None
     settings = audit["settings"]
     thresholds = {
-        "mask_energy": settings["image_mask_energy_min"],
-        "border_energy": settings["image_border_energy_max"],
+        "mask_lift": settings["image_mask_lift_min"],
+        "border_lift": settings["image_border_lift_max"],
     }
     figure = Figure(figsize=(13, 3.2))
     for index, (name, label) in enumerate(_STAT_LABELS.items()):
@@ -155,7 +195,7 @@ def _histograms_figure(audit: Mapping[str, Any]) -> str | None:
             counts = np.asarray(info["statistics"][name]["histogram"], float)
             if counts.sum() == 0:
                 continue
-            edges = np.linspace(0.0, 1.0, len(counts) + 1)
+            edges = np.linspace(*statistic_range(name), len(counts) + 1)
             axis.stairs(
                 counts / counts.sum(),
                 edges,
@@ -167,7 +207,7 @@ def _histograms_figure(audit: Mapping[str, Any]) -> str | None:
             axis.axvline(thresholds[name], color="black", linewidth=0.8)
         axis.set_title(label, fontsize=9)
         axis.set_xlabel(
-            "share of the salient mass" if name != "concentration" else "share of the mass"
+            "(share - chance) / (1 - chance)" if name != "concentration" else "share of the mass"
         )
         axis.set_ylabel("share of the class's images")
     figure.axes[0].legend(fontsize=7)
@@ -215,28 +255,74 @@ def _img(data: str | None, alt: str) -> str:
 
 def _class_table(audit: Mapping[str, Any]) -> str:
     head = (
-        "<tr><th>class</th><th>images</th><th>label = class</th><th>mask energy</th>"
-        "<th>mask area</th><th>pointing game</th><th>border energy</th><th>concentration</th>"
-        "<th>entropy</th><th>flagged images</th><th>residual (max)</th><th>verdict</th></tr>"
+        "<tr><th rowspan=2>class</th><th rowspan=2>images</th><th rowspan=2>label = class</th>"
+        "<th colspan=3>mask energy</th><th colspan=3>border energy</th>"
+        "<th rowspan=2>pointing game</th><th rowspan=2>concentration</th>"
+        f"<th colspan={len(PARTS)}>part: border lift / mask lift</th>"
+        "<th rowspan=2>flagged images</th><th rowspan=2>residual (max)</th>"
+        "<th rowspan=2>verdict</th></tr><tr><th>raw</th><th>chance</th><th>lift</th>"
+        "<th>raw</th><th>chance</th><th>lift</th>"
+        + "".join(f"<th>{html.escape(PART_LABELS[p])}</th>" for p in PARTS)
+        + "</tr>"
     )
     rows = []
     for info in audit["classes"].values():
         verdict = (
-            "<b>flagged</b>: " + ", ".join(html.escape(r) for r in info["reasons"])
+            "<b>flagged</b>: " + "; ".join(html.escape(reason_text(r)) for r in info["reasons"])
             if info["flagged"]
             else "ok"
+        )
+        parts = info.get("parts", {})
+        part_cells = "".join(
+            f"<td>{_fmt(parts.get(p, {}).get('border_lift'), 2)} / "
+            f"{_fmt(parts.get(p, {}).get('mask_lift'), 2)}</td>"
+            for p in PARTS
         )
         rows.append(
             f'<tr class="{"flagged" if info["flagged"] else ""}">'
             f"<td>{html.escape(info['name'])}</td><td>{info['count']}</td>"
             f"<td>{_fmt(info['accuracy'])}</td><td>{_fmt(info['mask_energy'])}</td>"
-            f"<td>{_fmt(info['mask_area'])}</td><td>{_fmt(info['pointing_game'])}</td>"
-            f"<td>{_fmt(info['border_energy'])}</td><td>{_fmt(info['concentration'])}</td>"
-            f"<td>{_fmt(info['entropy'])}</td><td>{info['flagged_images']['any']}</td>"
+            f"<td>{_fmt(info['mask_chance'])}</td><td><b>{_fmt(info['mask_lift'])}</b></td>"
+            f"<td>{_fmt(info['border_energy'])}</td><td>{_fmt(info['border_chance'])}</td>"
+            f"<td><b>{_fmt(info['border_lift'])}</b></td><td>{_fmt(info['pointing_game'])}</td>"
+            f"<td>{_fmt(info['concentration'])}</td>{part_cells}"
+            f"<td>{info['flagged_images']['any']}</td>"
             f"<td>{_sci(info['residual']['max']) if info['residual']['count'] else '&ndash;'}"
             f"</td><td>{verdict}</td></tr>"
         )
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _how_to_read(settings: Mapping[str, Any]) -> str:
+    """The formulas behind the table, in the report's words."""
+    return (
+        "<h2>How to read this</h2><ul>"
+        f"<li><b>Salient part</b> <code>s' = max(s - q, 0)</code>, <code>q</code> the map's "
+        f"{settings['floor_quantile']:.0%} quantile: the brightest pixels, as an overlay shows "
+        "them.</li>"
+        "<li><b>Mask energy</b> <code>e = sum(s'[mask]) / sum(s')</code>; its <b>chance</b> "
+        "level <code>c = mean(mask)</code> is the mask's area share, what a map with no "
+        "preference scores. <b>Border energy</b> likewise over the outer band "
+        f"({settings['border_fraction']:.0%} of the side), chance the band's area share.</li>"
+        "<li><b>Lift</b> <code>(e - c) / (1 - c)</code>: 0 at chance, 1 with all the salient "
+        "mass in the region, negative below chance. Flags read the lifts, so that a class of "
+        "small or thin objects is not called off-object for its size.</li>"
+        f"<li>An image is <i>off the object</i> when its mask lift is below "
+        f"{settings['image_mask_lift_min']:g}, <i>on the border</i> when its border lift is "
+        f"above {settings['image_border_lift_max']:g}. A class is flagged when its mean mask "
+        f"lift is below {settings['class_mask_lift_min']:g}, its mean border lift above "
+        f"{settings['class_border_lift_max']:g} (or above chance and "
+        f"{settings['class_border_lift_margin']:g} above the other classes' median), or more "
+        f"than {settings['class_flagged_share']:.0%} of its images are flagged.</li>"
+        "<li><b>Parts.</b> FullGrad's map sums an input term (<code>x * grad x</code>) and one "
+        "bias term per layer; the parts are the input term and the bias terms grouped by "
+        "resolution (fine: at least 1/4 of the input side, mid: 1/8 to 1/4, coarse: below), "
+        "each post-processed as FullGrad does and min-max normalised. A part flags a class "
+        "when its lift stands "
+        f"{settings['part_lift_margin']:g} away from the other classes' median for that part "
+        "(on the border: above chance; off the object: also below the class threshold). A "
+        "shortcut can show in one part and be washed out of the sum.</li></ul>"
+    )
 
 
 def _gallery(records: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> str:
@@ -251,8 +337,8 @@ def _gallery(records: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) 
         caption = (
             f"<b>{html.escape(str(record.get('id')))}</b><br>explained class {html.escape(name)}"
             f"{'' if label is None else f', label {html.escape(str(label))}'}<br>"
-            f"mask {_fmt(record.get('mask_energy'), 2)} &middot; "
-            f"border {_fmt(record.get('border_energy'), 2)}"
+            f"mask lift {_fmt(record.get('mask_lift'), 2)} &middot; "
+            f"border lift {_fmt(record.get('border_lift'), 2)}"
         )
         if record.get("flags"):
             caption += "<br><span class=flag>" + ", ".join(record["flags"]) + "</span>"
@@ -274,9 +360,9 @@ background:#fff4f4}.ok{border-left-color:seagreen;background:#f3fbf5}code{font-s
 
 _SECTIONS = {
     "flagged_examples": "Flagged images (most severe first)",
-    "least_on_object": "Least on the object (lowest mask energy)",
-    "most_on_object": "Most on the object (highest mask energy)",
-    "most_on_border": "Most on the border (highest border energy)",
+    "least_on_object": "Least on the object (lowest mask lift)",
+    "most_on_object": "Most on the object (highest mask lift)",
+    "most_on_border": "Most on the border (highest border lift)",
 }
 
 
@@ -297,7 +383,8 @@ def render_html(audit: Mapping[str, Any]) -> str:
     classes = audit["classes"]
     if flagged:
         verdict = "Flagged classes: " + "; ".join(
-            f"<b>{html.escape(classes[t]['name'])}</b> ({', '.join(classes[t]['reasons'])})"
+            f"<b>{html.escape(classes[t]['name'])}</b> "
+            f"({html.escape('; '.join(reason_text(r) for r in classes[t]['reasons']))})"
             for t in flagged
         )
         verdict_class = "verdict"
@@ -313,23 +400,17 @@ def render_html(audit: Mapping[str, Any]) -> str:
             f"{audit['flagged_images_total']} images flagged.</p>"
         ),
         f'<p class="{verdict_class}">{verdict}</p>',
-        (
-            "<p>Mask energy: share of the saliency map's salient mass (the map above its "
-            f"{settings['floor_quantile']:.0%} quantile) inside the object mask; mask area: the "
-            "mask's share of the image. Border energy: share of the salient mass in the outer "
-            f"band ({settings['border_fraction']:.0%} of the side). Pointing game: the map's "
-            "maximum "
-            "falls on the object. A class is flagged when its saliency lies off the object or on "
-            "the border, against fixed thresholds and against the median of the other classes.</p>"
-        ),
+        _how_to_read(settings),
         "<h2>Classes</h2>",
         _class_table(audit),
         "<h2>Mean saliency map per class</h2>",
         _img(_mean_maps_figure(audit), "mean maps"),
+        "<h2>Mean maps of the map's parts, per class</h2>",
+        _img(_part_maps_figure(audit), "mean part maps (the job explains parts with --audit)"),
         "<h2>Distributions per class</h2>",
         (
             "<p>Flagged classes are drawn with thick solid lines; the black lines are the "
-            "image thresholds.</p>"
+            "image thresholds; lifts span [-1, 1] (0 is chance).</p>"
         ),
         _img(_histograms_figure(audit), "histograms"),
     ]

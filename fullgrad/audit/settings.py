@@ -4,8 +4,8 @@ Kept apart from the Beam transforms so that a command line (``fullgrad run``, ``
 audit``) can offer the audit's options without importing Beam.
 
 Example:
-    >>> settings = AuditSettings(image_mask_energy_min=0.3)
-    >>> add_settings_arguments(parser, prefix="audit-")   # --audit-image-mask-energy-min ...
+    >>> settings = AuditSettings(class_mask_lift_min=0.3)
+    >>> add_settings_arguments(parser, prefix="audit-")   # --audit-class-mask-lift-min ...
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from fullgrad.audit.stats import StatisticsOptions
+from fullgrad.audit.stats import LocationFlagOptions, StatisticsOptions
 
 __all__ = ["AuditSettings", "add_settings_arguments", "settings_from_args"]
 
@@ -28,15 +28,21 @@ class AuditSettings:
         border_fraction: Width of the border band as a share of the map's shorter side.
         pointing_tolerance: Mask dilation (map pixels) for the pointing game.
         floor_quantile: Map quantile subtracted before border and mask energy (see ``stats``).
-        image_mask_energy_min: An image is ``off_object`` below this mask energy.
-        image_border_energy_max: An image is ``on_border`` above this border energy.
-        class_mask_energy_ratio: A class is ``off_object`` when its mean mask energy is below
-            this times the median of the other classes' means.
-        class_border_energy_ratio: A class is ``on_border`` when its mean border energy is above
-            this times the median of the other classes' means.
+        image_mask_lift_min: An image is ``off_object`` below this mask lift (every lift is
+            ``(share - chance) / (1 - chance)``: 0 at chance, 1 all in the region).
+        image_border_lift_max: An image is ``on_border`` above this border lift.
+        class_mask_lift_min: A class is ``off_object`` when its mean mask lift is below this.
+        class_border_lift_max: A class is ``on_border`` when its mean border lift is above this.
+        class_border_lift_margin: A class is also ``on_border`` when its mean border lift is
+            above chance and above the median of the other classes' by more than this.
+        part_lift_margin: A part of the map (input term, bias groups) flags a class when its
+            mean border lift is above chance and above the other classes' median for that part
+            by more than this, or its mean mask lift is below ``class_mask_lift_min`` and below
+            that median by more than this. Relative only: a part's absolute lifts depend on
+            the part (coarse bias terms are blurred over the whole image for every class).
         class_flagged_share: A class is flagged when more than this share of its images are.
         min_class_count: Classes with fewer images are reported but never flagged.
-        bins: Histogram bins over [0, 1] for every statistic.
+        bins: Histogram bins for every statistic: over [0, 1], lifts over [-1, 1].
         examples: Images kept (with thumbnail and map) per example list, for the report.
         max_flagged_ids: Flagged images listed by id in ``audit.json`` (the worst first).
         residual_tolerance: Completeness residuals above this are counted as violations.
@@ -59,17 +65,19 @@ class AuditSettings:
         class_names: Optional display names, indexed by class.
 
     Example:
-        >>> AuditSettings(image_mask_energy_min=0.3, examples=4)
+        >>> AuditSettings(class_mask_lift_min=0.3, examples=4)
     """
 
     top_fraction: float = 0.05
     border_fraction: float = 0.1
     pointing_tolerance: int = 1
     floor_quantile: float = 0.8
-    image_mask_energy_min: float = 0.25
-    image_border_energy_max: float = 0.5
-    class_mask_energy_ratio: float = 0.7
-    class_border_energy_ratio: float = 2.0
+    image_mask_lift_min: float = 0.1
+    image_border_lift_max: float = 0.25
+    class_mask_lift_min: float = 0.25
+    class_border_lift_max: float = 0.25
+    class_border_lift_margin: float = 0.3
+    part_lift_margin: float = 0.3
     class_flagged_share: float = 0.5
     min_class_count: int = 5
     bins: int = 20
@@ -94,12 +102,11 @@ class AuditSettings:
 
     def __post_init__(self) -> None:
         _ = self.statistics_options  # validates the measuring options early
-        for name in ("image_mask_energy_min", "image_border_energy_max", "class_flagged_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("class_mask_energy_ratio", "class_border_energy_ratio"):
-            if getattr(self, name) <= 0.0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        _ = self.location_flag_options  # and the lift thresholds
+        if not 0.0 <= self.class_flagged_share <= 1.0:
+            raise ValueError(f"class_flagged_share must be in [0, 1], got {self.class_flagged_share}")
+        if self.part_lift_margin < 0.0:
+            raise ValueError(f"part_lift_margin must be >= 0, got {self.part_lift_margin}")
         if self.bins < 1 or self.examples < 0 or self.max_flagged_ids < 0:
             raise ValueError("bins must be >= 1, examples and max_flagged_ids >= 0")
         if self.strategy_capacity < 0 or self.strategy_grid < 2 or self.drift_samples < 0:
@@ -146,6 +153,18 @@ class AuditSettings:
             shift_min=self.drift_shift_min, share_shift_min=self.drift_share_shift_min,
             mix_distance_max=self.drift_mix_distance_max, confidence=self.drift_confidence,
             resamples=self.drift_resamples, min_class_count=self.min_class_count,
+        )
+
+    @property
+    def location_flag_options(self) -> LocationFlagOptions:
+        """The lift thresholds of the image and class flags (``stats.LocationFlagOptions``)."""
+        return LocationFlagOptions(
+            image_mask_lift_min=self.image_mask_lift_min,
+            image_border_lift_max=self.image_border_lift_max,
+            class_mask_lift_min=self.class_mask_lift_min,
+            class_border_lift_max=self.class_border_lift_max,
+            class_border_lift_margin=self.class_border_lift_margin,
+            min_class_count=self.min_class_count,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -86,10 +86,12 @@ __all__ = [
     "image_location_flags",
     "image_statistics",
     "lift",
+    "location_statistics",
     "normalised_entropy",
     "pointing_hit",
     "salient_part",
     "share_inside",
+    "statistic_range",
 ]
 
 
@@ -307,6 +309,50 @@ def image_statistics(
     return result
 
 
+def location_statistics(
+    saliency: np.ndarray,
+    mask: np.ndarray | None = None,
+    options: StatisticsOptions | None = None,
+) -> dict[str, float]:
+    """Border and mask energy of one map and their lifts (the audit's per-part statistics).
+
+    The same formulas as :func:`image_statistics`, without the statistics of the map's shape;
+    a map with no mass at all (a part of the map that no layer contributes to) gives NaN, not
+    the uniform map's chance-level values: there is nothing to measure.
+
+    Args:
+        saliency: ``[h, w]`` map, any non-negative scale.
+        mask: Optional bool ``[h, w]`` object mask at the map's size.
+        options: How to measure; defaults to :class:`StatisticsOptions`.
+
+    Returns:
+        ``{"border_energy", "border_lift", "mask_energy", "mask_lift"}``.
+
+    Example:
+        >>> location_statistics(np.eye(8), mask=np.eye(8, dtype=bool))["mask_lift"]
+        1.0
+    """
+    options = options or StatisticsOptions()
+    names = ("border_energy", "border_lift", "mask_energy", "mask_lift")
+    array = np.asarray(saliency, np.float64)
+    if not np.any(np.isfinite(array) & (array > 0.0)):
+        return dict.fromkeys(names, math.nan)
+    salient = _salient(_mass(array), options.floor_quantile)
+    band = _border_band(salient.shape, options.border_fraction)
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        mask = mask[..., 0] if mask.ndim == 3 and mask.shape[-1] == 1 else mask
+    chance = _chance_levels(salient.shape, mask, options.border_fraction)
+    border = _share_inside(salient, band)
+    inside = _share_inside(salient, mask) if mask is not None and mask.any() else math.nan
+    return {
+        "border_energy": border,
+        "border_lift": lift(border, chance["border_energy"]),
+        "mask_energy": inside,
+        "mask_lift": lift(inside, chance["mask_energy"]),
+    }
+
+
 def coarse_map(saliency: np.ndarray, grid: int = 8) -> np.ndarray:
     """Area-average of a ``[h, w]`` map onto a ``grid x grid`` grid.
 
@@ -339,6 +385,19 @@ def _resampling(size: int, cells: int) -> np.ndarray:
 
 
 # -- chance levels, lifts and the location flags ---------------------------------------------
+
+
+def statistic_range(name: str) -> tuple[float, float]:
+    """The range a statistic's histograms cover: [-1, 1] for a lift, [0, 1] for the others.
+
+    A lift can fall below -1 (to ``-c / (1 - c)`` for a region covering more than half the
+    map); such values land in the first bin.
+
+    Example:
+        >>> statistic_range("input_border_lift"), statistic_range("mask_energy")
+        ((-1.0, 1.0), (0.0, 1.0))
+    """
+    return (-1.0, 1.0) if name.endswith("_lift") else (0.0, 1.0)
 
 
 def lift(value: float, chance: float) -> float:

@@ -4,7 +4,8 @@
 ``fullgrad.beam``) into ONE audit dict. It
 
 1. adds the per-image statistics of :mod:`fullgrad.audit.stats` to each record (unless the record
-   already carries them, e.g. when re-auditing maps written by ``fullgrad run``) and the image's
+   already carries them, e.g. when re-auditing maps written by ``fullgrad run``), the per-part
+   statistics of :mod:`fullgrad.audit.parts` when the record has ``part_maps``, and the image's
    flags (:func:`image_flags`);
 2. folds the records into three kinds of accumulators, each a ``beam.CombineFn`` whose
    ``merge_accumulators`` is exact (sums, counts, fixed-bin histograms, bounded top-N lists):
@@ -12,24 +13,26 @@
    for the report :class:`ExtremesCombineFn`; the ids of flagged images, capped;
 3. compares every class with the others (:func:`class_flags`) and returns the audit dict.
 
-Memory is ``classes x map size`` for the mean maps plus ``N`` thumbnails per extreme list,
-whatever the dataset's size.
+Memory is ``classes x (1 + P) x map size`` for the mean maps (the full map and its ``P`` parts)
+plus ``N`` thumbnails per extreme list, whatever the dataset's size.
 
-Flags (every threshold is an :class:`AuditSettings` field; the audit is never told where a
-shortcut is, only the maps, masks and targets):
+Flags are judged on the *lifts* over chance, ``lift = (e - c) / (1 - c)`` with ``e`` the mask
+(border) energy and ``c`` the mask's (band's) area share, what a map with no preference scores
+(see :mod:`fullgrad.audit.stats`). Every threshold is an :class:`AuditSettings` field; the audit
+is never told where a shortcut is, only the maps, masks and targets:
 
-- image ``off_object``: ``mask_energy < image_mask_energy_min`` (default 0.25) -- less than a
-  quarter of the map's salient mass on the object;
-- image ``on_border``: ``border_energy > image_border_energy_max`` (default 0.5) -- more than half
-  of the salient mass in the outer band (10% of the side wide by default, a third of the area);
-- class ``off_object``: its mean mask energy is below ``class_mask_energy_ratio`` (0.7) times the
-  median of the other classes' means, or below ``image_mask_energy_min`` itself;
-- class ``on_border``: its mean border energy is above ``class_border_energy_ratio`` (2.0) times
-  the median of the other classes' means *and* above the band's area share (what a uniform map
-  puts there), or above ``image_border_energy_max`` itself;
+- image ``off_object``: ``mask_lift < image_mask_lift_min`` (0.1); image ``on_border``:
+  ``border_lift > image_border_lift_max`` (0.25) (:func:`stats.image_location_flags`);
+- class ``off_object`` / ``on_border`` from its mean lifts
+  (:func:`stats.class_location_flags`: mean mask lift below ``class_mask_lift_min``; mean
+  border lift above ``class_border_lift_max``, or above chance and above the other classes'
+  median by ``class_border_lift_margin``);
+- class ``{part}:off_object`` / ``{part}:on_border``: one part of the map stands out from the
+  other classes' same part (:func:`fullgrad.audit.parts.part_class_flags`);
 - class ``flagged_images``: more than ``class_flagged_share`` (0.5) of its images are flagged.
 
-Classes with fewer than ``min_class_count`` images are reported but never flagged.
+Classes with fewer than ``min_class_count`` images are reported but never flagged. The raw
+energies and their chance levels stay in the output beside the lifts.
 
 Example:
     >>> with beam.Pipeline() as p:
@@ -48,10 +51,18 @@ import apache_beam as beam
 import numpy as np
 
 from fullgrad.audit.comparison import with_drift
+from fullgrad.audit.parts import part_class_flags, part_statistics, verdict_text
 from fullgrad.audit.sampling import ClassSampleCombineFn, sample_sections
 from fullgrad.audit.settings import AuditSettings
-from fullgrad.audit.stats import border_band, image_statistics
-from fullgrad.record import STATISTIC_COLUMNS, STATISTICS
+from fullgrad.audit.stats import (
+    border_band,
+    class_location_flags,
+    image_location_flags,
+    image_statistics,
+    statistic_range,
+)
+from fullgrad.parts import PARTS
+from fullgrad.record import PART_STATISTIC_COLUMNS, PART_STATISTICS, STATISTIC_COLUMNS, STATISTICS
 
 __all__ = [
     "EXTREMES",
@@ -70,10 +81,13 @@ __all__ = [
 
 #: The example lists kept for the report: name -> (statistic, keep the largest?).
 EXTREMES: dict[str, tuple[str, bool]] = {
-    "least_on_object": ("mask_energy", False),
-    "most_on_object": ("mask_energy", True),
-    "most_on_border": ("border_energy", True),
+    "least_on_object": ("mask_lift", False),
+    "most_on_object": ("mask_lift", True),
+    "most_on_border": ("border_lift", True),
 }
+
+#: Every column the class combiner summarises: the map's statistics, then each part's.
+_COLUMNS = (*STATISTIC_COLUMNS, *PART_STATISTIC_COLUMNS)
 
 _RESIDUAL_LOG10_RANGE = (-10.0, 1.0)
 
@@ -82,26 +96,20 @@ _RESIDUAL_LOG10_RANGE = (-10.0, 1.0)
 
 
 def image_flags(statistics: Mapping[str, float], settings: AuditSettings) -> list[str]:
-    """The reasons an image is flagged (empty when it is not).
+    """The reasons an image is flagged (empty when it is not), from its full map's lifts.
 
     Args:
-        statistics: The image's statistics (NaN mask energy: no mask, never ``off_object``).
-        settings: The thresholds.
+        statistics: The image's statistics (NaN mask lift: no mask, never ``off_object``).
+        settings: The thresholds (``image_mask_lift_min``, ``image_border_lift_max``).
 
     Returns:
         A subset of ``["off_object", "on_border"]``.
 
     Example:
-        >>> image_flags({"mask_energy": 0.1, "border_energy": 0.2}, AuditSettings())
+        >>> image_flags({"mask_lift": -0.1, "border_lift": 0.1}, AuditSettings())
         ['off_object']
     """
-    reasons = []
-    mask_energy = statistics.get("mask_energy", math.nan)
-    if mask_energy is not None and mask_energy < settings.image_mask_energy_min:
-        reasons.append("off_object")  # NaN compares False: no mask, no verdict
-    if statistics.get("border_energy", math.nan) > settings.image_border_energy_max:
-        reasons.append("on_border")
-    return reasons
+    return image_location_flags(statistics, settings.location_flag_options)
 
 
 def _float(value: Any) -> float:
@@ -113,7 +121,8 @@ def with_statistics(record: Mapping[str, Any], settings: AuditSettings) -> dict[
 
     Statistics already present (every name in :data:`STATISTICS`) are kept, so re-auditing the
     written maps gives the numbers the job wrote; missing ones are computed from ``map`` and
-    ``mask``.
+    ``mask``. Likewise the per-part columns: kept when present, else computed from
+    ``part_maps`` when the record has them, else NaN.
 
     Args:
         record: An explained record.
@@ -131,6 +140,11 @@ def with_statistics(record: Mapping[str, Any], settings: AuditSettings) -> dict[
         out.update(image_statistics(record["map"], mask, settings.statistics_options))
     else:
         out.update({name: _float(record[name]) for name in STATISTICS})
+    stored = [record.get(name) for name in PART_STATISTIC_COLUMNS]
+    if record.get("part_maps") is not None and any(v is None for v in stored):
+        out.update(part_statistics(record["part_maps"], mask, settings.statistics_options))
+    else:
+        out.update({n: _float(v) for n, v in zip(PART_STATISTIC_COLUMNS, stored, strict=True)})
     if "mask_area" not in record or record["mask_area"] is None:
         out["mask_area"] = float(np.mean(mask)) if mask is not None and np.any(mask) else math.nan
     out["flags"] = image_flags(out, settings)
@@ -141,12 +155,14 @@ def with_statistics(record: Mapping[str, Any], settings: AuditSettings) -> dict[
 
 
 def _empty_class(bins: int) -> dict[str, Any]:
-    moments = {name: np.zeros(3) for name in STATISTIC_COLUMNS}  # count, sum, sum of squares
+    moments = {name: np.zeros(3) for name in _COLUMNS}  # count, sum, sum of squares
     return {
         "count": 0,
         "map_sum": None,
+        "part_count": 0,
+        "part_map_sum": None,  # [P, h, w], from the records that carry part maps
         "moments": moments,
-        "histograms": {name: np.zeros(bins, np.int64) for name in STATISTIC_COLUMNS},
+        "histograms": {name: np.zeros(bins, np.int64) for name in _COLUMNS},
         "flags": {"off_object": 0, "on_border": 0, "any": 0},
         "labelled": 0,
         "correct": 0,
@@ -193,11 +209,17 @@ class ClassStatisticsCombineFn(beam.CombineFn):
             )
         part["count"] += 1
         part["map_sum"] += np.nan_to_num(saliency)
-        for name in STATISTIC_COLUMNS:
+        if record.get("part_maps") is not None:
+            part_maps = np.nan_to_num(np.asarray(record["part_maps"], np.float64))
+            if part["part_map_sum"] is None:
+                part["part_map_sum"] = np.zeros(part_maps.shape)
+            part["part_map_sum"] += part_maps
+            part["part_count"] += 1
+        for name in _COLUMNS:
             value = _float(record.get(name))
             if math.isfinite(value):
                 part["moments"][name] += (1.0, value, value * value)
-                part["histograms"][name][_bin(value, bins)] += 1
+                part["histograms"][name][_bin(value, bins, *statistic_range(name))] += 1
         for reason in record.get("flags", ()):
             part["flags"][reason] += 1
         if record.get("flags"):
@@ -235,7 +257,13 @@ class ClassStatisticsCombineFn(beam.CombineFn):
                         )
                     else:
                         into["map_sum"] += part["map_sum"]
-                for name in STATISTIC_COLUMNS:
+                if part["part_map_sum"] is not None:
+                    if into["part_map_sum"] is None:
+                        into["part_map_sum"] = part["part_map_sum"].copy()
+                    else:
+                        into["part_map_sum"] += part["part_map_sum"]
+                into["part_count"] += part["part_count"]
+                for name in _COLUMNS:
                     into["moments"][name] += part["moments"][name]
                     into["histograms"][name] += part["histograms"][name]
                 for reason, count in part["flags"].items():
@@ -286,12 +314,16 @@ def _summarise(part: dict[str, Any]) -> dict[str, Any]:
     return {
         "count": count,
         "mean_map": None if part["map_sum"] is None else part["map_sum"] / max(count, 1),
+        "mean_part_maps": None
+        if part["part_map_sum"] is None
+        else part["part_map_sum"] / part["part_count"],
         "statistics": {
             name: {
                 **_moments(part["moments"][name]),
                 "histogram": part["histograms"][name].tolist(),
+                "range": list(statistic_range(name)),
             }
-            for name in STATISTIC_COLUMNS
+            for name in _COLUMNS
         },
         "flagged_images": dict(part["flags"]),
         "accuracy": part["correct"] / part["labelled"] if part["labelled"] else None,
@@ -352,14 +384,15 @@ class ExtremesCombineFn(beam.CombineFn):
 class FlaggedIdsCombineFn(beam.CombineFn):
     """The flagged images: a total count and, capped at ``n``, the most off-object ones.
 
-    Severity is ``max(1 - mask_energy, border_energy)`` so that images far off the object and
-    images far on the border both rank high; ties break on the id.
+    Severity is ``max(-mask_lift, border_lift)`` so that images far off the object and images
+    far on the border both rank high; ties break on the id.
 
     Example:
         >>> records | beam.CombineGlobally(FlaggedIdsCombineFn(1000))
     """
 
-    _FIELDS = ("id", "target", "label", "mask_energy", "border_energy", "flags")
+    _FIELDS = ("id", "target", "label", "mask_energy", "border_energy", "mask_lift",
+               "border_lift", "flags")
 
     def __init__(self, n: int):
         self._extremes = ExtremesCombineFn("severity", n, largest=True, keep=self._FIELDS)
@@ -437,9 +470,10 @@ class AuditCombineFn(beam.CombineFn):
 
 
 def _severity(record: Mapping[str, Any]) -> float:
-    mask_energy = _float(record.get("mask_energy"))
-    off = 1.0 - mask_energy if math.isfinite(mask_energy) else 0.0
-    return max(off, _float(record.get("border_energy")))
+    mask_lift = _float(record.get("mask_lift"))
+    border_lift = _float(record.get("border_lift"))
+    off = -mask_lift if math.isfinite(mask_lift) else -math.inf
+    return max(off, border_lift if math.isfinite(border_lift) else -math.inf)
 
 
 # -- dataset-wide comparison and the audit dict ----------------------------------------------
@@ -448,54 +482,42 @@ def _severity(record: Mapping[str, Any]) -> float:
 def class_flags(classes: Mapping[int, Mapping[str, Any]], settings: AuditSettings) -> dict:
     """Compares every class with the others and says which are flagged, and why.
 
+    The full map's mean lifts go through :func:`stats.class_location_flags`, each part's through
+    :func:`fullgrad.audit.parts.part_class_flags`; a class with more than
+    ``class_flagged_share`` of its images flagged is flagged too.
+
     Args:
         classes: ``{target: summary}`` from :class:`ClassStatisticsCombineFn`.
         settings: The thresholds.
 
     Returns:
         ``{target: [reason, ...]}`` for every class; an empty list means not flagged.
-        Reasons: ``off_object``, ``on_border``, ``flagged_images``.
+        Reasons: ``off_object``, ``on_border``, ``{part}:off_object``, ``{part}:on_border``,
+        ``flagged_images``.
 
     Example:
         >>> class_flags(summary["classes"], AuditSettings())
-        {0: [], 1: [], 2: [], 3: ['off_object', 'on_border']}
+        {0: [], 1: [], 2: [], 3: ['off_object', 'on_border', 'input:on_border']}
     """
     means = {
-        name: {t: c["statistics"][name]["mean"] for t, c in classes.items()}
-        for name in ("mask_energy", "border_energy")
+        target: {
+            "count": summary["count"],
+            "mask_lift": summary["statistics"]["mask_lift"]["mean"],
+            "border_lift": summary["statistics"]["border_lift"]["mean"],
+        }
+        for target, summary in classes.items()
     }
-    shapes = [c["mean_map"].shape for c in classes.values() if c.get("mean_map") is not None]
-    band_share = float(border_band(shapes[0], settings.border_fraction).mean()) if shapes else 0.0
+    whole = class_location_flags(means, settings.location_flag_options)
+    parts = part_class_flags(classes, settings)
     out: dict[int, list[str]] = {}
     for target, summary in classes.items():
-        reasons: list[str] = []
-        out[target] = reasons
-        if summary["count"] < settings.min_class_count:
-            continue
-        others = [
-            t for t in classes if t != target and classes[t]["count"] >= settings.min_class_count
-        ]
-        mask_energy = means["mask_energy"][target]
-        if math.isfinite(mask_energy):
-            peers = [
-                means["mask_energy"][t] for t in others if math.isfinite(means["mask_energy"][t])
-            ]
-            if mask_energy < settings.image_mask_energy_min or (
-                peers and mask_energy < settings.class_mask_energy_ratio * float(np.median(peers))
-            ):
-                reasons.append("off_object")
-        border = means["border_energy"][target]
-        if math.isfinite(border):
-            peers = [means["border_energy"][t] for t in others]
-            relative = (
-                bool(peers)
-                and border > settings.class_border_energy_ratio * float(np.median(peers))
-                and border > band_share  # and more than a uniform map puts on the band
-            )
-            if border > settings.image_border_energy_max or relative:
-                reasons.append("on_border")
-        if summary["flagged_images"]["any"] > settings.class_flagged_share * summary["count"]:
+        reasons = [*whole[target], *parts[target]]
+        counted = summary["count"] >= settings.min_class_count
+        if counted and (
+            summary["flagged_images"]["any"] > settings.class_flagged_share * summary["count"]
+        ):
             reasons.append("flagged_images")
+        out[target] = reasons
     return out
 
 
@@ -503,7 +525,7 @@ def _dataset_summary(classes: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]
     """Pools the class summaries: image-weighted means and summed histograms."""
     count = sum(c["count"] for c in classes.values())
     pooled: dict[str, Any] = {"count": count, "statistics": {}}
-    for name in STATISTIC_COLUMNS:
+    for name in _COLUMNS:
         parts = [c["statistics"][name] for c in classes.values() if c["statistics"][name]["count"]]
         n = sum(p["count"] for p in parts)
         pooled["statistics"][name] = {
@@ -538,17 +560,25 @@ def finalise_audit(combined: Mapping[str, Any], settings: AuditSettings) -> dict
 
     Returns:
         ``{"settings", "images", "classes", "dataset", "flagged_classes", "flagged_images",
-        "flagged_images_total", "mean_maps", "examples"}``. ``classes`` maps the class (as a
-        string, JSON's key type) to its count, mean statistics (``mask_energy``,
-        ``border_energy``, ``concentration``, ``entropy``, ``pointing_game``, ``mask_area``),
-        ``flagged`` and ``reasons``, and details; ``mean_maps`` and ``examples`` hold arrays for
-        the report and are not written to JSON.
+        "flagged_images_total", "mean_maps", "mean_part_maps", "examples"}``. ``classes`` maps
+        the class (as a string, JSON's key type) to its count; each location statistic's mean
+        raw value, mean chance level and mean lift (``mask_energy``, ``mask_chance``,
+        ``mask_lift``, ``border_energy``, ``border_chance``, ``border_lift``; ``mask_area`` is
+        ``mask_chance``); ``concentration``, ``entropy``, ``pointing_game``; ``parts``
+        (``{part: {border_energy, border_lift, mask_energy, mask_lift}}`` means); ``flagged``,
+        ``reasons`` (codes) and ``verdict`` (a sentence naming the part), and details.
+        ``mean_maps``, ``mean_part_maps`` and ``examples`` hold arrays for the report and are
+        not written to JSON.
 
     Example:
         >>> audit = finalise_audit(AuditCombineFn(s).extract_output(accumulator), s)
     """
     classes = combined["classes"]
     flags = class_flags(classes, settings)
+    shapes = [c["mean_map"].shape for c in classes.values() if c.get("mean_map") is not None]
+    band_share = (
+        float(border_band(shapes[0], settings.border_fraction).mean()) if shapes else math.nan
+    )
     table: dict[str, Any] = {}
     for target, summary in classes.items():
         stats = summary["statistics"]
@@ -556,13 +586,22 @@ def finalise_audit(combined: Mapping[str, Any], settings: AuditSettings) -> dict
             "name": settings.class_name(target),
             "count": summary["count"],
             "mask_energy": stats["mask_energy"]["mean"],
+            "mask_chance": stats["mask_area"]["mean"],
+            "mask_lift": stats["mask_lift"]["mean"],
             "border_energy": stats["border_energy"]["mean"],
+            "border_chance": band_share,
+            "border_lift": stats["border_lift"]["mean"],
             "concentration": stats["concentration"]["mean"],
             "entropy": stats["entropy"]["mean"],
             "pointing_game": stats["pointing_hit"]["mean"],
             "mask_area": stats["mask_area"]["mean"],
+            "parts": {
+                part: {name: stats[f"{part}_{name}"]["mean"] for name in PART_STATISTICS}
+                for part in PARTS
+            },
             "flagged": bool(flags[target]),
             "reasons": flags[target],
+            "verdict": verdict_text(flags[target]),
             "flagged_images": summary["flagged_images"],
             "accuracy": summary["accuracy"],
             "statistics": stats,
@@ -583,12 +622,15 @@ def finalise_audit(combined: Mapping[str, Any], settings: AuditSettings) -> dict
                 "label": None if r.get("label") is None else int(r["label"]),
                 "mask_energy": _float(r.get("mask_energy")),
                 "border_energy": _float(r.get("border_energy")),
+                "mask_lift": _float(r.get("mask_lift")),
+                "border_lift": _float(r.get("border_lift")),
                 "reasons": list(r.get("flags", [])),
             }
             for r in flagged["images"]
         ],
         "flagged_images_total": flagged["total"],
         "mean_maps": {str(t): c["mean_map"] for t, c in classes.items()},
+        "mean_part_maps": {str(t): c["mean_part_maps"] for t, c in classes.items()},
         "examples": {name: combined[name] for name in (*EXTREMES, "flagged_examples")}
         | sampled["examples"],
         "strategies": sampled["strategies"],

@@ -6,8 +6,13 @@ decoded back) -> the same ``ComputeAudit`` as the job's ``--audit`` -> ``audit.j
 options (``--border-fraction``, ``--floor-quantile`` ...) apply; with the defaults they equal
 the columns the job wrote. Every :class:`AuditSettings` field is a flag.
 
+The per-part statistics (``input_border_lift`` ...) need the part maps: they are recomputed
+from the stored ``part_maps`` when the job wrote them (``fullgrad run --part-maps``); without
+them the stored per-part columns are kept as written (measured with the job's options, not
+these flags) and the report has no per-part mean maps.
+
 Example:
-    $ fullgrad audit --maps out/ --output out/audit-strict --image-mask-energy-min 0.4
+    $ fullgrad audit --maps out/ --output out/audit-strict --class-mask-lift-min 0.4
 """
 
 from __future__ import annotations
@@ -52,8 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _without_statistics(explained: dict[str, Any]) -> dict[str, Any]:
-    """The record without its stored statistics, so the audit measures them anew."""
-    return {k: v for k, v in explained.items() if k not in record.STATISTIC_COLUMNS}
+    """The record without its stored statistics, so the audit measures them anew; the
+    per-part columns go only when the record has part maps to measure them from."""
+    dropped = set(record.STATISTIC_COLUMNS)
+    if explained.get("part_maps") is not None:
+        dropped |= set(record.PART_STATISTIC_COLUMNS)
+    return {k: v for k, v in explained.items() if k not in dropped}
 
 
 class ReadMapRecords(beam.PTransform):

@@ -20,7 +20,12 @@ from typing import Any
 from fullgrad.images import DEFAULT_MAX_PIXELS, PREPROCESS_MODES
 from fullgrad.methods import PRECISIONS
 from fullgrad.record import MAP_DTYPES
-from fullgrad.variants import DEFAULT_SMOOTH_NOISE, DEFAULT_SMOOTH_SAMPLES, MAP_KINDS
+from fullgrad.variants import (
+    DEFAULT_SMOOTH_NOISE,
+    DEFAULT_SMOOTH_SAMPLES,
+    MAP_KINDS,
+    PART_MAP_KINDS,
+)
 
 __all__ = [
     "FORMATS",
@@ -212,6 +217,10 @@ class JobConfig:
         "latest run (unless --baseline), and this run is added to it", group="output",
         kfp=False,
     )
+    part_maps: bool = _setting(
+        False, help="store the map's parts [P, h, w] (input term, bias terms by resolution) "
+        "as the part_maps column; explained in the same pass, as with --audit", group="output",
+    )
     overwrite: bool = _setting(
         False, help="replace an earlier run's outputs (default: refuse)", group="output",
         kfp=False,  # a Kubeflow task always owns its output folder
@@ -392,6 +401,8 @@ class JobConfig:
             raise ValueError("--decode-threads must be >= 0")
         if self.map not in MAP_KINDS:
             raise ValueError(f"--map must be one of {MAP_KINDS}, not {self.map!r}")
+        if self.part_maps and self.map not in PART_MAP_KINDS:
+            raise ValueError(f"--part-maps needs a --map with parts: one of {PART_MAP_KINDS}")
         if self.smooth_samples < 1:
             raise ValueError("--smooth-samples must be at least 1")
         if self.smooth_noise < 0:

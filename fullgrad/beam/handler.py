@@ -10,7 +10,8 @@ Each element is an *explain request*, a dict with at least ``"image"`` (float32 
 preprocessed) and ``"target"`` (a class index, or ``TARGET_PREDICTED`` for the top-1 class);
 other keys ride along untouched in ``PredictionResult.example``. ``PredictionResult.inference``
 is a dict of numpy values: ``map`` ``[H, W]`` float32 in [0, 1], ``target``, ``logit``,
-``residual``, ``topk_classes``, ``topk_logits`` -- or ``error`` (a string) when that image
+``residual``, ``topk_classes``, ``topk_logits`` (and ``part_maps`` ``[P, H, W]`` when the
+handler was asked for parts) -- or ``error`` (a string) when that image
 failed while its batch-mates succeeded.
 
 Example Usage:
@@ -70,6 +71,7 @@ class LoadedExplainer:
             three, NaN for the baselines (see ``fullgrad.variants``).
         smooth_samples: Noisy copies per image for ``smooth``.
         smooth_noise: The noise std of ``smooth``, as a share of each image's range.
+        parts: Also return the map's parts (``FullGrad.compute(..., parts=True)``, same pass).
 
     Example:
         >>> explainer = LoadedExplainer("model.keras", image_size=32)
@@ -89,6 +91,7 @@ class LoadedExplainer:
         map_kind: str = "fullgrad",
         smooth_samples: int = 16,
         smooth_noise: float = 0.15,
+        parts: bool = False,
     ) -> None:
         _enable_gpu_memory_growth()
         import fullgrad
@@ -102,6 +105,7 @@ class LoadedExplainer:
         )
         self.num_classes = int(model.outputs[0].shape[-1])
         self.top_k = max(1, min(int(top_k), self.num_classes))
+        self.parts = bool(parts)
         # Trace now, on one dummy image: the signature has a free batch dimension, so no batch
         # size traces again and the first real batch pays no tracing cost.
         channels = int(model.inputs[0].shape[-1] or 3)
@@ -117,12 +121,18 @@ class LoadedExplainer:
 
         Returns:
             ``maps [B, H, W]``, ``targets [B]``, ``logits [B]``, ``residual [B]``,
-            ``topk_classes [B, k]``, ``topk_logits [B, k]``: numpy arrays.
+            ``topk_classes [B, k]``, ``topk_logits [B, k]``, and ``part_maps [B, P, H, W]``
+            when built with ``parts=True``: numpy arrays.
         """
         targets = np.asarray(targets, np.int32).reshape(-1, 1)
-        result = self.engine.compute(np.asarray(images, np.float32), targets, batch_size=None)
+        options = {"parts": True} if self.parts else {}  # only FullGrad engines have parts
+        result = self.engine.compute(
+            np.asarray(images, np.float32), targets, batch_size=None, **options
+        )
         order = np.argsort(-result.all_logits, axis=1, kind="stable")[:, : self.top_k]
+        extra = {"part_maps": result.parts[..., 0]} if self.parts else {}
         return {
+            **extra,
             "maps": result.maps[..., 0],
             "targets": result.targets[:, 0],
             "logits": result.logits[:, 0],
@@ -140,6 +150,8 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         image_size: The side of the (square) preprocessed images.
         logits_layer: The layer whose output is the logits; found through the head when None.
         precision: The Keras dtype policy the model runs under (``fullgrad.FullGrad``).
+        parts: Also explain the map's parts (input term, bias groups) in the same pass; each
+            inference then has ``part_maps`` ``[P, H, W]``.
         top_k: Top predictions kept per image.
         safe_mode: Keras' safe_mode when loading.
         min_batch_size: Smallest batch ``BatchElements`` forms.
@@ -164,6 +176,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         *,
         logits_layer: str | None = None,
         precision: str = "float32",
+        parts: bool = False,
         top_k: int = 5,
         safe_mode: bool = True,
         min_batch_size: int | None = None,
@@ -186,6 +199,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
         self.image_size = int(image_size)
         self.logits_layer = logits_layer
         self.precision = precision
+        self.parts = bool(parts)
         self.top_k = int(top_k)
         self.safe_mode = safe_mode
         self.map_kind = map_kind
@@ -210,6 +224,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
             map_kind=self.map_kind,
             smooth_samples=self.smooth_samples,
             smooth_noise=self.smooth_noise,
+            parts=self.parts,
         )
         # DoFn.setup (where RunInference loads) has no metrics context: counted at first use.
         self._unreported_loads += 1
@@ -262,6 +277,8 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
                     "topk_classes": output["topk_classes"][index],
                     "topk_logits": output["topk_logits"][index],
                 }
+                if "part_maps" in output:
+                    inference["part_maps"] = output["part_maps"][index]
                 results.append(PredictionResult(request, inference))
         return results
 

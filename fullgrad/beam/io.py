@@ -493,7 +493,9 @@ class WriteMaps(beam.PTransform):
 
     def __init__(self, config: JobConfig) -> None:
         super().__init__()
-        self._schema = record.schema(config.resolved_map_size(), config.map_dtype)
+        self._schema = record.schema(
+            config.resolved_map_size(), config.map_dtype, part_maps=config.part_maps
+        )
         self._output = config.output
 
     def expand(self, records: beam.PCollection) -> beam.pvalue.PDone:

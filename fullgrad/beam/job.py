@@ -409,7 +409,10 @@ def _add_writers(
     _ = explained | "WriteMaps" >> io.WriteMaps(config)
     _ = dead | "WriteDeadLetters" >> io.WriteDeadLetters(config.output)
     if config.write_tfrecord:
-        _ = explained | "WriteTFRecord" >> io.WriteMapsTFRecord(config)
+        stored = explained
+        if not config.part_maps:  # explained for the audit only: not stored
+            stored = explained | "NoPartMaps" >> beam.Map(lambda r: {**r, "part_maps": None})
+        _ = stored | "WriteTFRecord" >> io.WriteMapsTFRecord(config)
     if config.overlays:
         _ = explained | "WriteOverlays" >> io.WriteOverlays(config.output, config.overlays)
     if config.audit:

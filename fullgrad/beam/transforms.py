@@ -37,6 +37,7 @@ from fullgrad.images import (
 )
 from fullgrad.record import dead_letter, explained
 from fullgrad.targets import TARGET_PREDICTED
+from fullgrad.variants import PART_MAP_KINDS
 
 __all__ = ["DecodeRows", "ExplainRows", "ToRecords", "count_failure", "handler_for"]
 
@@ -221,8 +222,12 @@ class ToRecords(beam.DoFn):
             )
             return
         saliency = np.asarray(inference["map"], np.float32)
-        # A baseline map has no decomposition: its residual is NaN by design.
-        if not (np.all(np.isfinite(saliency)) and np.isfinite(inference["logit"])):
+        scalars = [inference["logit"]]  # a baseline map's residual is NaN by design
+        part_maps = inference.get("part_maps")
+        if part_maps is not None:
+            part_maps = np.stack([resize_map(p, self._map_size) for p in part_maps])
+            scalars.append(float(np.sum(part_maps)))  # finite iff every part is
+        if not (np.all(np.isfinite(saliency)) and np.all(np.isfinite(scalars))):
             yield beam.pvalue.TaggedOutput(
                 "dead",
                 dead_letter(request["id"], "explain", "the map or logit is NaN/inf"),
@@ -230,7 +235,8 @@ class ToRecords(beam.DoFn):
             return
         self._explained.inc()
         self._progress()
-        yield explained(request, {**inference, "map": resize_map(saliency, self._map_size)})
+        resized = {"map": resize_map(saliency, self._map_size), "part_maps": part_maps}
+        yield explained(request, {**inference, **resized})
 
     def _progress(self) -> None:
         self._count += 1
@@ -264,6 +270,8 @@ def handler_for(config: JobConfig) -> FullGradModelHandler:
         config.image_size,
         logits_layer=config.logits_layer,
         precision=config.precision,
+        # Parts decompose FullGrad's own terms: there are none for smooth or the baselines.
+        parts=(config.audit or config.part_maps) and config.map in PART_MAP_KINDS,
         top_k=config.top_k,
         safe_mode=config.safe_mode,
         min_batch_size=config.min_batch_size or config.batch_size,

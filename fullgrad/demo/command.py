@@ -166,13 +166,28 @@ def main(args: argparse.Namespace, extra: Sequence[str]) -> int:
     )
     audit = result["audit"]
     print(f"held-out accuracy {result['accuracy']:.3f}; timings (s) {result['timings']}")
-    print(f"{'class':<16}{'images':>7}{'mask energy':>13}{'border energy':>15}  verdict")
+    # Each location statistic as raw / chance / lift, then each part's border and mask lift.
+    parts = next(iter(audit["classes"].values()), {}).get("parts", {})
+    print(
+        f"{'class':<16}{'images':>7}  {'mask raw/chance/lift':<21}{'border raw/chance/lift':<23}"
+        + "".join(f"{name + ' b/m lift':<22}" for name in parts)
+        + "verdict"
+    )
+
+    def number(value: float | None) -> str:
+        return "  nan" if value is None else f"{value:5.2f}"
+
     for info in audit["classes"].values():
-        verdict = "FLAGGED: " + ", ".join(info["reasons"]) if info["flagged"] else "ok"
-        print(
-            f"{info['name']:<16}{info['count']:>7}{info['mask_energy']:>13.3f}"
-            f"{info['border_energy']:>15.3f}  {verdict}"
+        verdict = "FLAGGED: " + info["verdict"] if info["flagged"] else "ok"
+        mask = "/".join(number(info[k]) for k in ("mask_energy", "mask_chance", "mask_lift"))
+        border = "/".join(
+            number(info[k]) for k in ("border_energy", "border_chance", "border_lift")
         )
+        lifts = "".join(
+            f"{number(v['border_lift']) + ' / ' + number(v['mask_lift']):<22}"
+            for v in info["parts"].values()
+        )
+        print(f"{info['name']:<16}{info['count']:>7}  {mask:<21}{border:<23}{lifts}{verdict}")
     print(f"flagged classes: {audit['flagged_classes'] or 'none'}")
     print(f"report: {os.path.abspath(result['report'])}")
     return 0

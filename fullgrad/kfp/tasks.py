@@ -495,7 +495,7 @@ def run_audit(
     """The audit task: runs the ``fullgrad audit`` pipeline over the maps and files its outputs.
 
     The flags are parsed by the command's own parser (``extra_args`` takes any ``fullgrad
-    audit`` setting, e.g. ``--image-mask-energy-min 0.4``; unknown ones go to Beam), the audit
+    audit`` setting, e.g. ``--class-mask-lift-min 0.4``; unknown ones go to Beam), the audit
     writes ``audit.json`` and ``report.html`` to a scratch folder, then ``report.html`` becomes
     the ``report`` artifact, a Markdown digest of ``audit.json`` the ``summary``, and
     :func:`audit_metrics` goes to ``metrics``.

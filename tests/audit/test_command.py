@@ -13,10 +13,10 @@ from fullgrad.cli import main as cli_main
 from .conftest import SIZE, planted_records
 
 
-def write_maps(folder, records, dtype="float16"):
+def write_maps(folder, records, dtype="float16", part_maps=True):
     settings = AuditSettings()
     enriched = [with_statistics(r, settings) for r in records]
-    schema = record.schema(SIZE, dtype)
+    schema = record.schema(SIZE, dtype, part_maps=part_maps)
     for shard, start in enumerate(range(0, len(enriched), 50)):
         table = record.to_table(enriched[start : start + 50], schema)
         pq.write_table(table, folder / f"maps-{shard:05d}-of-00003.parquet")
@@ -60,17 +60,33 @@ def test_fullgrad_audit_rereads_maps_and_flags_from_them(tmp_path):
         str(maps),
         "--output",
         str(stricter),
-        "--image-mask-energy-min",
-        "0",
-        "--image-border-energy-max",
+        "--image-mask-lift-min",
+        "-1",
+        "--image-border-lift-max",
         "1",
     ]
     assert cli_main(argv) == 0
     strict = json.loads((stricter / "audit.json").read_text())
-    assert strict["settings"]["image_mask_energy_min"] == 0.0
+    assert strict["settings"]["image_mask_lift_min"] == -1.0
     assert audit["flagged_images_total"] > 20 and strict["flagged_images_total"] == 0
     assert strict["flagged_classes"] == ["3"]
-    assert strict["classes"]["3"]["reasons"] == ["off_object", "on_border"]
+    assert strict["classes"]["3"]["reasons"] == [
+        "off_object", "on_border", "input:off_object", "input:on_border"
+    ]
+
+
+def test_fullgrad_audit_keeps_stored_part_columns_without_part_maps(tmp_path):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    records = planted_records(120, off_class=2, where="object", input_where="corner", seed=3)
+    # The job measured the parts (records with part maps), then stored no part maps.
+    write_maps(maps, records, part_maps=False)
+    assert "part_maps" not in pq.read_table(maps).column_names
+
+    assert cli_main(["audit", "--maps", str(maps), "--output", str(tmp_path / "a")]) == 0
+    audit = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert audit["flagged_classes"] == ["2"]
+    assert audit["classes"]["2"]["reasons"] == ["input:off_object", "input:on_border"]
 
 
 def test_fullgrad_audit_without_maps_fails_cleanly(tmp_path, capsys):
@@ -95,13 +111,13 @@ def test_fullgrad_run_audit_flags_reach_the_audit_settings():
             "--output",
             "o",
             "--audit",
-            "--audit-image-mask-energy-min",
+            "--audit-class-mask-lift-min",
             "0.3",
             "--audit-class-names",
             "cat,dog",
         ]
     )
     settings = AuditSettings.from_config(config_from_args(args))
-    assert settings.image_mask_energy_min == 0.3
+    assert settings.class_mask_lift_min == 0.3
     assert settings.class_names == ("cat", "dog")
     assert settings.border_fraction == AuditSettings().border_fraction

@@ -32,11 +32,18 @@ def test_write_audit_json_and_html(tmp_path):
     assert data["flagged_classes"] == ["1"]
     assert set(data["classes"]) == {"0", "1", "2", "3"}
     one = data["classes"]["1"]
-    for key in ("count", "mask_energy", "border_energy", "concentration", "flagged", "reasons"):
+    for key in ("count", "mask_energy", "border_energy", "concentration", "flagged", "reasons",
+                "mask_chance", "mask_lift", "border_chance", "border_lift", "verdict"):
         assert key in one
+    # Each statistic beside its chance level and lift: the lift is the mean of the images'.
+    assert 0.0 < one["border_chance"] < 1.0
+    assert set(one["parts"]) == {"input", "bias_fine", "bias_mid", "bias_coarse"}
+    assert one["parts"]["input"]["border_lift"] > 0.3
+    assert one["statistics"]["mask_lift"]["range"] == [-1.0, 1.0]
+    assert "mean_part_maps" not in data
     assert one["flagged"] is True and one["count"] == 20
     assert data["classes"]["0"]["flagged"] is False
-    assert data["settings"]["image_mask_energy_min"] == settings.image_mask_energy_min
+    assert data["settings"]["image_mask_lift_min"] == settings.image_mask_lift_min
     assert data["settings"]["class_names"] == ["cat", "dog", "fox", "owl"]
     assert data["flagged_images"] and all(r["target"] == 1 for r in data["flagged_images"])
     assert len(data["examples"]["least_on_object"]) == 4
@@ -46,14 +53,16 @@ def test_write_audit_json_and_html(tmp_path):
     assert "&lt;i&gt;img" in page
     assert 'src="http' not in page  # self-contained
     pictures = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    # mean maps + histograms + residuals + 4 galleries of up to 4 overlays
-    assert len(pictures) >= 3 + 4 * 3
+    # mean maps + part maps + histograms + residuals + 4 galleries of up to 4 overlays
+    assert len(pictures) >= 4 + 4 * 3
     sizes = [Image.open(io.BytesIO(base64.b64decode(p))).size for p in pictures]
     assert max(w for w, _ in sizes) > 600  # the mean-map and histogram figures
     overlays = [np.asarray(Image.open(io.BytesIO(base64.b64decode(p)))) for p in pictures]
     overlays = [o for o in overlays if o.shape == (48, 48, 3)]  # 24-pixel maps, shown 2x
     assert len(overlays) >= 12 and all(o.std() > 10 for o in overlays)
     assert "1 (dog)" in page and "flagged" in page
+    assert "How to read this" in page and "(e - c) / (1 - c)" in page
+    assert "input term on the border" in page
 
 
 def test_empty_audit_still_writes(tmp_path):

@@ -55,7 +55,9 @@ def test_class_statistics_match_numpy_and_merge_exactly(records):
             np.testing.assert_allclose(a["mean_map"], b["mean_map"], rtol=1e-12)
             for name, values in a["statistics"].items():
                 assert values["histogram"] == b["statistics"][name]["histogram"]
-                assert values["mean"] == pytest.approx(b["statistics"][name]["mean"], rel=1e-12)
+                assert values["mean"] == pytest.approx(
+                    b["statistics"][name]["mean"], rel=1e-12, nan_ok=True
+                )
             assert a["flagged_images"] == b["flagged_images"]
             assert a["residual"]["max"] == b["residual"]["max"]
 
@@ -69,7 +71,9 @@ def test_class_statistics_match_numpy_and_merge_exactly(records):
             values = np.array([d[name] for d in direct])
             assert out["statistics"][name]["mean"] == pytest.approx(values.mean(), rel=1e-9)
             assert out["statistics"][name]["std"] == pytest.approx(values.std(), rel=1e-6, abs=1e-9)
-            hist, _ = np.histogram(np.clip(values, 0, 1 - 1e-12), bins=SETTINGS.bins, range=(0, 1))
+            low, high = stats.statistic_range(name)
+            clipped = np.clip(values, low, high - 1e-12)
+            hist, _ = np.histogram(clipped, bins=SETTINGS.bins, range=(low, high))
             assert out["statistics"][name]["histogram"] == hist.tolist()
         residuals = np.array([r["residual"] for r in mine])
         assert out["residual"]["mean"] == pytest.approx(residuals.mean(), rel=1e-9)
@@ -153,27 +157,47 @@ def test_records_without_masks_get_no_mask_verdict(records):
     assert audit["classes"]["2"]["reasons"][0] == "on_border"
 
 
-def test_class_flags_compare_with_the_median_of_the_others():
-    def summary(mask_energy, border=0.2, count=50):
-        block = {"mean": mask_energy}
-        return {
-            "count": count,
-            "statistics": {"mask_energy": block, "border_energy": {"mean": border}},
-            "flagged_images": {"any": 0},
-        }
+def _summary(mask_lift, border=-0.2, count=50, parts=None):
+    """A class summary as ClassStatisticsCombineFn gives it, with the means that flags read."""
+    statistics = {"mask_lift": {"mean": mask_lift}, "border_lift": {"mean": border}}
+    for name, value in (parts or {}).items():
+        statistics[name] = {"mean": value}
+    return {"count": count, "statistics": statistics, "flagged_images": {"any": 0}}
 
-    settings = AuditSettings(image_mask_energy_min=0.1, class_mask_energy_ratio=0.7)
-    classes = {0: summary(0.60), 1: summary(0.50), 2: summary(0.55), 3: summary(0.37)}
-    assert class_flags(classes, settings)[3] == ["off_object"]  # 0.37 < 0.7 * 0.55
-    classes[3] = summary(0.40)  # 0.40 > 0.385
+
+def test_class_flags_read_the_lifts():
+    settings = AuditSettings(class_mask_lift_min=0.25, class_border_lift_margin=0.3)
+    classes = {0: _summary(0.60), 1: _summary(0.50), 2: _summary(0.55), 3: _summary(0.20)}
+    assert class_flags(classes, settings)[3] == ["off_object"]  # 0.20 < 0.25
+    classes[3] = _summary(0.30)
     assert not any(class_flags(classes, settings).values())
-    classes[3] = summary(0.40, border=0.6)
+    classes[3] = _summary(0.30, border=0.15)  # 0.15 - (-0.2) > 0.3, and above chance
+    assert class_flags(classes, settings)[3] == ["on_border"]
+    classes[3] = _summary(0.30, border=0.26)  # above class_border_lift_max itself
     assert class_flags(classes, settings)[3] == ["on_border"]
 
 
+def test_part_flags_are_relative_to_the_other_classes_same_part():
+    settings = AuditSettings(part_lift_margin=0.3)
+    # Every class's coarse part sits on the border (zero padding): no class stands out.
+    coarse = {"bias_coarse_border_lift": 0.6, "bias_coarse_mask_lift": -0.1}
+    classes = {t: _summary(0.6, parts={**coarse, "input_border_lift": 0.0}) for t in range(4)}
+    assert not any(class_flags(classes, settings).values())
+    classes[2] = _summary(0.6, parts={**coarse, "input_border_lift": 0.45})
+    assert class_flags(classes, settings)[2] == ["input:on_border"]
+    classes[2] = _summary(
+        0.6, parts={**coarse, "input_border_lift": 0.0, "input_mask_lift": 0.1}
+    )
+    for t in (0, 1, 3):
+        classes[t]["statistics"]["input_mask_lift"] = {"mean": 0.7}
+    assert class_flags(classes, settings)[2] == ["input:off_object"]
+
+
 def test_settings_are_validated():
-    with pytest.raises(ValueError, match="image_mask_energy_min"):
-        AuditSettings(image_mask_energy_min=1.5)
+    with pytest.raises(ValueError, match="image_mask_lift_min"):
+        AuditSettings(image_mask_lift_min=1.5)
+    with pytest.raises(ValueError, match="part_lift_margin"):
+        AuditSettings(part_lift_margin=-0.1)
     with pytest.raises(ValueError, match="border_fraction"):
         AuditSettings(border_fraction=0.0)
 

@@ -259,3 +259,19 @@ def test_gpu_memory_growth_is_set_for_every_gpu(model_path, monkeypatch):
     explainer = handler.load_model()
     assert calls == [(gpus[0].name, True), (gpus[1].name, True)]
     assert explainer.num_classes == 5  # the load went on after the refused first GPU
+
+
+def test_parts_come_with_the_maps_only_when_asked(model_path):
+    from fullgrad.parts import PARTS
+
+    batch = requests(3, [-1, 1, -1])
+    plain = FullGradModelHandler(model_path, SIZE)
+    with_parts = FullGradModelHandler(model_path, SIZE, parts=True)
+    without = list(plain.run_inference(batch, plain.load_model()))
+    explainer = with_parts.load_model()
+    results = list(with_parts.run_inference(batch, explainer))
+    assert len(explainer.engine._steps) == 1  # the parts step is the only one traced
+    for a, b in zip(without, results, strict=True):
+        assert "part_maps" not in a.inference
+        assert b.inference["part_maps"].shape == (len(PARTS), SIZE, SIZE)
+        np.testing.assert_array_equal(a.inference["map"], b.inference["map"])

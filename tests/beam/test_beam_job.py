@@ -111,6 +111,45 @@ def test_parquet_maps_equal_the_engine_on_the_same_images(parquet_run, model_pat
         np.testing.assert_array_equal(mask, decode_mask(rows[index]["mask"], (SIZE, SIZE)))
 
 
+def test_part_maps_and_part_statistics_are_written_on_request(parquet_run, model_path):
+    from fullgrad.parts import PARTS
+    from fullgrad.record import PART_STATISTIC_COLUMNS, from_table
+
+    tmp, rows, _ = parquet_run
+    plain, _ = read_output(str(tmp / "out"))
+    # Without --audit or --part-maps: no parts work, per-part columns null.
+    assert "part_maps" not in plain.column_names
+    assert plain.column("input_border_lift").null_count == len(rows)
+
+    job.run(config(tmp, model_path, name="audited", audit=True, write_tfrecord=True))
+    audited, _ = read_output(str(tmp / "audited"))
+    assert "part_maps" not in audited.column_names  # explained for the audit, not stored
+    assert all(audited.column(n).null_count < len(rows) for n in PART_STATISTIC_COLUMNS[:2])
+    # The maps do not change when the parts come along (float32 storage: bit for bit).
+    np.testing.assert_array_equal(read_maps(audited), read_maps(plain))
+    with open(tmp / "audited" / "audit.json") as handle:
+        audit = json.load(handle)
+    assert all(set(c["parts"]) == set(PARTS) for c in audit["classes"].values())
+    import tensorflow as tf
+
+    first = next(iter(tf.data.TFRecordDataset(sorted((tmp / "audited").glob("*.tfrecord")))))
+    assert "part_maps" not in tf.train.Example.FromString(first.numpy()).features.feature
+
+    job.run(config(tmp, model_path, name="parts", part_maps=True, map_dtype="uint8"))
+    stored, _ = read_output(str(tmp / "parts"))
+    assert stored.schema.field("part_maps").type.shape == [len(PARTS), SIZE, SIZE]
+    model = keras.saving.load_model(model_path, compile=False)
+    x = np.stack([decode_image(r["image"], (SIZE, SIZE)).astype(np.float32) for r in rows])
+    parts = ke.FullGrad(model).compute(preprocess(x, "unit"), parts=True).parts[..., 0]
+    order = {r["id"]: i for i, r in enumerate(rows)}
+    for record in from_table(stored):
+        np.testing.assert_allclose(record["part_maps"], parts[order[record["id"]]], atol=0.6 / 255)
+    for name in PART_STATISTIC_COLUMNS[:2]:
+        np.testing.assert_allclose(
+            stored.column(name).to_numpy(), audited.column(name).to_numpy(), atol=0.02
+        )
+
+
 def test_parquet_run_writes_the_documented_layout(parquet_run):
     tmp, rows, _ = parquet_run
     out = tmp / "out"
