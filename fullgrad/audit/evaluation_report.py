@@ -24,9 +24,10 @@ import html
 import io
 import json
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
+
+from fullgrad.audit.report import write_bytes
 
 __all__ = ["render_evaluation_html", "write_evaluation"]
 
@@ -134,19 +135,6 @@ def render_evaluation_html(summary: Mapping[str, Any]) -> str:
     )
 
 
-def _write(path: str, data: bytes) -> None:
-    if "://" in path and not path.startswith("file://"):
-        from apache_beam.io.filesystems import FileSystems
-
-        with FileSystems.create(path) as handle:
-            handle.write(data)
-        return
-    path = path.removeprefix("file://")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(data)
-
-
 def write_evaluation(summary: Mapping[str, Any], output_dir: str) -> dict[str, str]:
     """Writes ``evaluation.json`` and ``evaluation.html`` into ``output_dir`` (local or a URI).
 
@@ -163,6 +151,6 @@ def write_evaluation(summary: Mapping[str, Any], output_dir: str) -> dict[str, s
     """
     base = output_dir.rstrip("/")
     paths = {"json": f"{base}/evaluation.json", "html": f"{base}/evaluation.html"}
-    _write(paths["json"], json.dumps(_jsonable(summary), indent=1, allow_nan=False).encode())
-    _write(paths["html"], render_evaluation_html(summary).encode("utf-8"))
+    write_bytes(paths["json"], json.dumps(_jsonable(summary), indent=1, allow_nan=False).encode())
+    write_bytes(paths["html"], render_evaluation_html(summary).encode("utf-8"))
     return paths

@@ -32,7 +32,7 @@ from fullgrad.audit.parts import reason_text
 from fullgrad.audit.stats import statistic_range
 from fullgrad.parts import PART_LABELS, PARTS
 
-__all__ = ["audit_json", "render_html", "write_audit"]
+__all__ = ["audit_json", "render_html", "write_audit", "write_bytes"]
 
 _STAT_LABELS = {
     "mask_lift": "mask lift (over the mask's area share)",
@@ -443,7 +443,12 @@ def render_html(audit: Mapping[str, Any]) -> str:
 # -- files ---------------------------------------------------------------------------------
 
 
-def _write(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to a local path (folders made) or a Beam URI (``gs://``, ``s3://``).
+
+    Example:
+        >>> write_bytes("out/report.html", page.encode("utf-8"))
+    """
     if "://" in path and not path.startswith("file://"):
         from apache_beam.io.filesystems import FileSystems
 
@@ -473,6 +478,6 @@ def write_audit(audit: Mapping[str, Any], output_dir: str) -> dict[str, str]:
     base = output_dir.rstrip("/")
     paths = {"json": f"{base}/audit.json", "html": f"{base}/report.html"}
     text = json.dumps(audit_json(audit), indent=2, allow_nan=False)
-    _write(paths["json"], text.encode("utf-8"))
-    _write(paths["html"], render_html(audit).encode("utf-8"))
+    write_bytes(paths["json"], text.encode("utf-8"))
+    write_bytes(paths["html"], render_html(audit).encode("utf-8"))
     return paths
