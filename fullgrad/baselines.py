@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from fullgrad import inspection
+from fullgrad.methods import input_batches
 from fullgrad.targets import TARGET_PREDICTED
 
 __all__ = [
@@ -126,31 +127,6 @@ def _targets_of(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     return tf.where(y < 0, top1, y)
 
 
-def _batches(inputs: Any, targets: Any, batch_size: int | None) -> Iterator[tuple[Any, Any]]:
-    """``(images, targets)`` batches from an array or tensor, or from a ``tf.data.Dataset``
-    of image batches or of ``(images, targets)`` batches."""
-    if isinstance(inputs, tf.data.Dataset):
-        if targets is not None:
-            raise ValueError("a dataset carries its own targets: yield (images, targets)")
-        for element in inputs:
-            if isinstance(element, tuple | list):
-                yield element[0], element[1]
-            else:
-                yield element, None
-        return
-    if not isinstance(inputs, tf.Tensor):
-        inputs = np.asarray(inputs, np.float32)
-    total = int(inputs.shape[0])
-    if targets is not None:
-        targets = np.asarray(targets).reshape(total)
-    step = max(batch_size or total, 1)
-    for start in range(0, total, step):
-        yield (
-            inputs[start : start + step],
-            None if targets is None else targets[start : start + step],
-        )
-
-
 class _Explainer:
     """Shared batching, target handling and per-shape tracing of the baselines."""
 
@@ -175,7 +151,7 @@ class _Explainer:
     __call__ = explain
 
     def _explain(self, inputs: Any, targets: Any, batch_size: int | None) -> np.ndarray:
-        maps = [self._run(x, y) for x, y in _batches(inputs, targets, batch_size)]
+        maps = [self._run(x, y) for x, y in input_batches(inputs, targets, batch_size)]
         if not maps:
             raise ValueError("no inputs to explain")
         return np.concatenate(maps)

@@ -328,7 +328,7 @@ class FullGrad:
         pad_to = batch_size if self.jit_compile else None
         batches = [
             self._compute_batch(x, y, pad_to, parts)
-            for x, y in _batches(inputs, targets, batch_size)
+            for x, y in input_batches(inputs, targets, batch_size)
         ]
         if not batches:
             raise ValueError("no inputs to explain")
@@ -364,7 +364,7 @@ class FullGrad:
         if targets is not None:
             targets = np.asarray(targets).reshape(-1, 1)
         batches = []
-        for x, y in _batches(inputs, targets, batch_size):
+        for x, y in input_batches(inputs, targets, batch_size):
             x = tf.cast(tf.convert_to_tensor(x), tf.float32)
             step = self._traced(self._decompose_step, "decompose", x, 1)
             out = step(x, _targets_tensor(y, int(x.shape[0]), 1))
@@ -596,8 +596,16 @@ def _targets_tensor(targets: Any, batch: int, k: int) -> tf.Tensor:
     return tf.constant(targets)
 
 
-def _batches(inputs: Any, targets: Any, batch_size: int | None):
-    """Yields ``(x, y)`` batches from arrays, tensors or a ``tf.data.Dataset``."""
+def input_batches(inputs: Any, targets: Any, batch_size: int | None):
+    """Yields ``(x, y)`` batches from arrays, tensors or a ``tf.data.Dataset``.
+
+    The one input clean-up of every explainer (FullGrad, the baselines): ``y`` is ``[b, k]``
+    or None; a dataset yields image batches or ``(images, targets)`` batches.
+
+    Example:
+        >>> [x.shape[0] for x, _ in input_batches(np.zeros([7, 8, 8, 3]), None, 3)]
+        [3, 3, 1]
+    """
     if isinstance(inputs, tf.data.Dataset):
         if targets is not None:
             raise ValueError("a dataset carries its own targets: yield (images, targets)")
