@@ -205,7 +205,7 @@ def test_class_folders_and_hugging_face_paths_in_a_bucket(s3, tmp_path, layout):
         write_class_folders,
     )
 
-    client, flags = s3
+    client, flags, _ = s3
     data = tmp_path / "data"
     if layout == "folders":
         write_class_folders(str(data), keras_check=False)
