@@ -200,9 +200,12 @@ def sample_sections(
             "count": summary["count"],
             "coarse_map": None if mean_map is None else
             np.round(coarse_map(mean_map, settings.drift_grid), 6).tolist(),
+            # The full map's statistics, as the samples: the parts' per-class means are much
+            # noisier on small classes and would make drift verdicts on noise.
             "moments": {
                 name: [s["count"], s["mean"], s["std"]]
-                for name, s in summary["statistics"].items() if s["count"]
+                for name, s in summary["statistics"].items()
+                if s["count"] and name in STATISTIC_COLUMNS
             },
             "samples": samples,
             "predicted": {str(k): v for k, v in
