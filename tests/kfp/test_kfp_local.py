@@ -47,9 +47,8 @@ def task_env():
         yield
 
 
-def _run_locally(pipeline, root: Path, **arguments) -> list[warnings.WarningMessage]:
-    """Runs ``pipeline`` with kfp.local's SubprocessRunner (no venv) under ``root``; returns
-    the warnings it raised."""
+def _init_local(root: Path) -> None:
+    """kfp.local with its SubprocessRunner (no venv, this environment) under ``root``."""
     from kfp import local
 
     local.init(
@@ -57,6 +56,22 @@ def _run_locally(pipeline, root: Path, **arguments) -> list[warnings.WarningMess
         pipeline_root=str(root),
         raise_on_error=True,
     )
+
+
+@pytest.fixture()
+def local_kfp(task_env, tmp_path):
+    """kfp.local under a fresh pipeline root, for tests that run pipelines their own way."""
+    root = tmp_path / "pipeline_root"
+    _init_local(root)
+    with warnings.catch_warnings():
+        # The runner warns that the image name lacks "python": the image is ours, by design.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        yield root
+
+
+def _run_locally(pipeline, root: Path, **arguments) -> list[warnings.WarningMessage]:
+    """Runs ``pipeline`` with kfp.local under ``root``; returns the warnings it raised."""
+    _init_local(root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # The runner warns that the image name lacks "python": the image is ours, by design.
