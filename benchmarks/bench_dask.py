@@ -94,6 +94,12 @@ def main() -> None:
     config = {"input": os.path.join(data, "*.parquet"), "model": model,
               "image_size": args.size, "preprocess": "unit", "batch_size": args.batch_size,
               "progress_every": 0}
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import machine_line
+
+    print(machine_line())
     print(f"{args.images} images {args.size}x{args.size}, {args.files} Parquet files, "
           f"batch {args.batch_size}, {os.cpu_count()} CPUs")
 

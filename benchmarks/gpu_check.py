@@ -113,6 +113,9 @@ def main() -> None:
         224, [32, 64, 128], 5, 2048)
     gpus = tf.config.list_physical_devices("GPU")
     print(f"{machine_line()}; GPUs: {[g.name for g in gpus] or 'none'}; TF {tf.__version__}")
+    if not gpus and not args.smoke:
+        print("no GPU here: this check is for a GPU machine (--smoke checks the script on a CPU)")
+        return
     print(f"{'precision':<16}{'batch':>6}{'FullGrad img/s':>16}{'FullGrad / gradient':>21}")
     for precision, batch, rate, ratio in engine_figures(size, batches, repeats):
         print(f"{precision:<16}{batch:>6}{rate:>16.1f}{ratio:>21.2f}")
