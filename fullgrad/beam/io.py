@@ -1,7 +1,8 @@
 """Readers and writers of the Beam job: datasets in, maps and dead letters out.
 
 Reading yields *rows*, ``{"id", "image", "label", "mask", "source"}`` (``image`` is encoded
-bytes or a pixel array, ``label`` and ``mask`` may be None), and dead letters
+bytes, a pixel array, or an ``io_images.ImageFile`` that the decoder reads in its decode-ahead
+threads; ``label`` and ``mask`` may be None), and dead letters
 ``{"id", "stage": "read", "error"}`` for records that miss a required column or key. A missing
 column never crashes the job: each of its rows becomes a dead letter naming the column.
 Image files by glob and WebDataset shards are read in ``io_images`` and ``io_webdataset``.

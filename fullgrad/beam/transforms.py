@@ -26,6 +26,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from fullgrad.beam.config import JobConfig
 from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler
+from fullgrad.beam.io_images import ImageFile
 from fullgrad.images import (
     ImageError,
     decode_image,
@@ -60,8 +61,10 @@ def count_failure(dead: dict) -> dict:
 class DecodeRows(beam.DoFn):
     """Row -> explain request (``image``, ``target``, ``thumbnail``, ``mask``, ``id``, ``label``).
 
-    Decoding errors (empty/corrupt/unsupported bytes, a decompression bomb, a bad mask) are dead
-    letters at stage ``decode``; preprocessing errors (NaN/inf pixels, a missing or out-of-range
+    An image still in its file (``ImageFile``, from class folders) is read here, so the read
+    overlaps the model like the decoding; a file that cannot be read is a dead letter at stage
+    ``read``. Decoding errors (empty/corrupt/unsupported bytes, a decompression bomb, a bad
+    mask) are dead letters at stage ``decode``; preprocessing errors (NaN/inf pixels, a missing or out-of-range
     label for ``--target label``) at stage ``preprocess``.
 
     With ``decode_threads`` > 0, rows are decoded by a small thread pool, up to
@@ -137,6 +140,13 @@ class DecodeRows(beam.DoFn):
         """The request of one row, or its dead letter (a ``TaggedOutput``)."""
         record_id = row["id"]
         image = row["image"]
+        if isinstance(image, ImageFile):
+            try:
+                image = image.read()
+            except Exception as error:  # noqa: BLE001 -- a vanished or unreadable file is data
+                message = f"cannot read {image.path}: {error}"[:2000]
+                yield beam.pvalue.TaggedOutput("dead", dead_letter(record_id, "read", message))
+                return
         try:
             if image is None:
                 raise ImageError("image is null")

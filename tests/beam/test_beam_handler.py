@@ -275,3 +275,28 @@ def test_parts_come_with_the_maps_only_when_asked(model_path):
         assert "part_maps" not in a.inference
         assert b.inference["part_maps"].shape == (len(PARTS), SIZE, SIZE)
         np.testing.assert_array_equal(a.inference["map"], b.inference["map"])
+
+
+def test_an_image_file_is_read_where_it_is_decoded(tmp_path):
+    """Class-folder rows carry the file; DecodeRows._decode (what the decode-ahead threads run)
+    reads it, and a file that cannot be read is a dead letter at stage ``read``."""
+    from beamdata import good_rows
+
+    from fullgrad.beam.config import JobConfig
+    from fullgrad.beam.io_images import ImageFile
+    from fullgrad.beam.transforms import DecodeRows
+
+    picture = tmp_path / "cat" / "001.png"
+    picture.parent.mkdir()
+    picture.write_bytes(good_rows(1)[0]["image"])
+    config = JobConfig(input="x/*/*.png", model="m.keras", output="o", image_size=SIZE,
+                       preprocess="unit", decode_threads=0, format="images")
+    fn = DecodeRows(config)
+    fn.setup()
+    (request,) = fn.process({"id": "cat/001.png", "image": ImageFile(str(picture)),
+                             "label": 0, "mask": None})
+    assert request["id"] == "cat/001.png" and request["image"].shape == (SIZE, SIZE, 3)
+    (dead,) = fn.process({"id": "cat/gone.png", "image": ImageFile(str(tmp_path / "gone.png")),
+                          "label": 0, "mask": None})
+    assert dead.tag == "dead" and dead.value["stage"] == "read"
+    assert dead.value["error"].startswith(f"cannot read {tmp_path / 'gone.png'}")
