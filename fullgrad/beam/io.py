@@ -72,7 +72,10 @@ DEAD_LETTER_PREFIX = "dead_letter"
 OVERLAY_DIR = "overlays"
 _READ_BATCH_ROWS = 64
 _LOGGER = logging.getLogger(__name__)
-_WRITE_BATCH_ROWS = 64
+#: Rows per written Parquet row group. Each group has a fixed cost per column: with the maps
+#: of ``benchmarks/bench_pipeline.py``, 64-row groups cost 0.05 ms a row to write, 256-row
+#: groups 0.023 ms and make the file 12% smaller. Memory: one group's records per writer.
+_WRITE_BATCH_ROWS = 256
 
 def input_patterns(spec: str) -> list[str]:
     """Splits ``--input`` into globs (comma-separated), dropping blanks.

@@ -11,7 +11,7 @@ from beamdata import SIZE
 
 import fullgrad as ke
 from fullgrad import cli
-from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler
+from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler, stack_images
 
 
 def requests(count: int, targets: list[int]) -> list[dict]:
@@ -55,6 +55,33 @@ def test_run_inference_returns_numpy_equal_to_the_engine(model_path):
         assert int(inference["target"]) == int(reference.targets[index, 0])
         assert len(inference["topk_classes"]) == 2
         assert int(inference["topk_classes"][0]) == int(top1.targets[index, 0])
+
+
+def test_stacked_batches_are_aligned_copies_and_reuse_leaves_no_trace():
+    images = [np.full([3, 5, 2], value, np.float32) for value in range(4)]
+    first = stack_images(images)
+    assert first.ctypes.data % 64 == 0 and first.dtype == np.float32
+    np.testing.assert_array_equal(first, np.stack(images))
+    images[0][:] = 9  # a copy, not a view of the request's image
+    assert first[0, 0, 0, 0] == 0
+    smaller = stack_images(images[2:])  # the same buffer, a shorter view
+    np.testing.assert_array_equal(smaller, np.stack(images[2:]))
+    larger = stack_images(images + images)  # outgrows the buffer: a new one
+    np.testing.assert_array_equal(larger, np.stack(images + images))
+    assert larger.ctypes.data % 64 == 0
+
+
+def test_consecutive_batches_of_other_sizes_equal_fresh_ones(model_path):
+    handler = FullGradModelHandler(model_path, SIZE)
+    explainer = handler.load_model()
+    batch = requests(5, [-1] * 5)
+    engine = ke.FullGrad(keras.saving.load_model(model_path, compile=False))
+    expected = engine.compute(np.stack([r["image"] for r in batch])).maps[..., 0]
+    for group in (batch[:4], batch[4:], batch[1:4], batch):  # the buffer is reused each time
+        results = handler.run_inference(group, explainer)
+        start = batch.index(group[0])
+        for offset, result in enumerate(results):
+            np.testing.assert_allclose(result.inference["map"], expected[start + offset], atol=1e-5)
 
 
 def test_a_failing_image_costs_only_itself(model_path):
