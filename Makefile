@@ -6,7 +6,7 @@ EXTRAS ?= beam,aws,dask,kfp,dev
 DEMO_OUTPUT ?= demo-output
 # What `make bench` runs, each printing its ratios and the CPU (gpu_check.sh is for a GPU
 # machine; bench_strategies_input_term.py is an experiment over a demo output).
-BENCHMARKS ?= bench_method.py bench_pipeline.py bench_dask.py bench_evaluate.py bench_startup.py
+BENCHMARKS ?= bench_method.py bench_precision.py bench_pipeline.py bench_dask.py bench_evaluate.py bench_startup.py
 
 .PHONY: env test lint demo bench compile clean
 

@@ -73,12 +73,18 @@ def build_modes(
     exposed = fullgrad.model
 
     def all_gradients(x):
-        """The backward pass FullGrad needs, without its post-processing."""
+        """The backward pass FullGrad needs, without its post-processing.
+
+        Each gradient is reduced to a scalar in the graph: returning the tensors themselves
+        would time copying all of them out to numpy, which FullGrad never does (that made
+        this pass look 8% slower than it is, and FullGrad's overhead smaller).
+        """
         with tf.GradientTape() as tape:
             tape.watch(x)
             logits, *pre_activations = exposed(x, training=False)
             top1 = tf.reduce_sum(tf.reduce_max(logits, axis=-1))
-        return tape.gradient(top1, [x, *pre_activations])
+        grads = tape.gradient(top1, [x, *pre_activations])
+        return tf.add_n([tf.reduce_sum(grad) for grad in grads])
 
     modes = {
         "forward": tf.function(forward, input_signature=signature),
