@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,7 +35,9 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from fullgrad.targets import TARGET_PREDICTED
 
-__all__ = ["METRICS_NAMESPACE", "FullGradModelHandler", "LoadedExplainer"]
+__all__ = [
+    "METRICS_NAMESPACE", "FullGradModelHandler", "LoadedExplainer", "error_reason", "stack_images"
+]
 
 #: Every metric of the job (ours and RunInference's) lives under this namespace.
 METRICS_NAMESPACE = "fullgrad"
@@ -73,6 +76,37 @@ def stack_images(images: Sequence[np.ndarray]) -> np.ndarray:
         buffer = buffers[first.shape] = raw[start : start + size].reshape(shape)
     return np.stack([np.asarray(image, np.float32) for image in images],
                     out=buffer[: len(images)])
+
+
+_NODE = re.compile(r"Detected at node '?([^'\s]+?)'? defined at")
+#: Lines of TensorFlow's graph-execution messages that locate the op, not say what went wrong.
+_TRACE_LINE = re.compile(r"^(File \"|Graph execution error|Detected at node|\[\[\{\{node )")
+
+
+def error_reason(error: BaseException | str, kind: str | None = None) -> str:
+    """``"Type: message"`` of an error, without the Python traceback TensorFlow embeds in it.
+
+    Why: a graph-execution error carries the source line of every frame that built the failing
+    op (often 40 lines); in a dead letter the reason is the op's own message and its node's
+    name: ``InvalidArgumentError: assertion failed: [...] (at node model/check/Assert)``.
+
+    Args:
+        error: The exception, or its text.
+        kind: The type name to prefix; the exception's own when None.
+
+    Example:
+        >>> error_reason(ValueError("bad shape"))
+        'ValueError: bad shape'
+    """
+    name = kind or type(error).__name__
+    text = error if isinstance(error, str) else getattr(error, "message", None) or str(error)
+    node = _NODE.search(text)
+    lines = [line.strip() for line in text.splitlines()]
+    kept = [line for line in lines if line and not _TRACE_LINE.match(line)]
+    reason = " ".join(kept) if kept else text.strip()
+    if node:
+        reason += f" (at node {node.group(1)})"
+    return f"{name}: {reason}"
 
 
 def _enable_gpu_memory_growth() -> None:
@@ -295,7 +329,7 @@ class FullGradModelHandler(ModelHandler[dict, PredictionResult, LoadedExplainer]
                 try:
                     outputs.append(self._explain([request], model))
                 except Exception as single:  # noqa: BLE001 -- becomes this image's dead letter
-                    outputs.append({"error": f"{type(single).__name__}: {single}"})
+                    outputs.append({"error": error_reason(single)})
                 groups.append([request])
         results = []
         for requests, output in zip(groups, outputs, strict=True):

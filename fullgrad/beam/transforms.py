@@ -25,7 +25,7 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 
 from fullgrad.beam.config import JobConfig
-from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler
+from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler, error_reason
 from fullgrad.beam.io_images import ImageFile
 from fullgrad.images import (
     ImageError,
@@ -265,7 +265,7 @@ def _batch_failures(failure: tuple[Any, tuple]) -> Iterator[dict]:
     batch, (error_type, error_repr, _) = failure
     name = getattr(error_type, "__name__", str(error_type))
     for request in batch:
-        yield dead_letter(request["id"], "explain", f"{name}: {error_repr}")
+        yield dead_letter(request["id"], "explain", error_reason(error_repr, name))
 
 
 def handler_for(config: JobConfig) -> FullGradModelHandler:

@@ -6,12 +6,19 @@ import os
 
 import keras
 import numpy as np
+import pytest
+import tensorflow as tf
 from apache_beam.ml.inference.base import PredictionResult
 from beamdata import SIZE
 
 import fullgrad as ke
 from fullgrad import cli
-from fullgrad.beam.handler import METRICS_NAMESPACE, FullGradModelHandler, stack_images
+from fullgrad.beam.handler import (
+    METRICS_NAMESPACE,
+    FullGradModelHandler,
+    error_reason,
+    stack_images,
+)
 
 
 def requests(count: int, targets: list[int]) -> list[dict]:
@@ -69,6 +76,22 @@ def test_stacked_batches_are_aligned_copies_and_reuse_leaves_no_trace():
     larger = stack_images(images + images)  # outgrows the buffer: a new one
     np.testing.assert_array_equal(larger, np.stack(images + images))
     assert larger.ctypes.data % 64 == 0
+
+
+def test_error_reasons_drop_tensorflow_source_frames():
+    @tf.function
+    def check(x):
+        tf.debugging.assert_greater(x, 1.0, message="too small")
+        return x
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        check(tf.constant([0.5]))
+    assert 'File "' in str(raised.value)  # what TensorFlow says: the frames that built the op
+    reason = error_reason(raised.value)
+    assert reason.startswith("InvalidArgumentError: ") and "too small" in reason
+    assert 'File "' not in reason and "(at node " in reason, reason
+    assert error_reason(str(raised.value), "InvalidArgumentError") == reason  # text form alike
+    assert error_reason(ValueError("bad\nshape")) == "ValueError: bad shape"
 
 
 def test_consecutive_batches_of_other_sizes_equal_fresh_ones(model_path):
@@ -156,6 +179,9 @@ def test_a_model_failing_on_one_image_costs_only_that_image_in_the_job(tmp_path)
     assert letter["id"] == "dark" and letter["stage"] == "explain"
     assert letter["error"].startswith("InvalidArgumentError")
     assert "an almost black image" in letter["error"]
+    # The reason and the failing op, without the Python frames that built the op.
+    assert 'File "' not in letter["error"] and "\n" not in letter["error"]
+    assert "(at node " in letter["error"] and len(letter["error"]) < 600, letter["error"]
     # Its batch-mates (batches of 3: the dark image shares one with two others) are explained,
     # with the maps the engine gives for them.
     mates = [row for row in rows if row["id"] != "dark"]
