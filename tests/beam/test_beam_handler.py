@@ -13,11 +13,11 @@ from beamdata import SIZE
 
 import fullgrad as ke
 from fullgrad import cli
+from fullgrad.beam.batches import BatchBuffers
 from fullgrad.beam.handler import (
     METRICS_NAMESPACE,
     FullGradModelHandler,
     error_reason,
-    stack_images,
 )
 
 
@@ -64,18 +64,27 @@ def test_run_inference_returns_numpy_equal_to_the_engine(model_path):
         assert int(inference["topk_classes"][0]) == int(top1.targets[index, 0])
 
 
-def test_stacked_batches_are_aligned_copies_and_reuse_leaves_no_trace():
+def test_batch_buffers_are_aligned_copies_lent_per_call_and_reused():
+    pool = BatchBuffers()
     images = [np.full([3, 5, 2], value, np.float32) for value in range(4)]
-    first = stack_images(images)
-    assert first.ctypes.data % 64 == 0 and first.dtype == np.float32
-    np.testing.assert_array_equal(first, np.stack(images))
-    images[0][:] = 9  # a copy, not a view of the request's image
-    assert first[0, 0, 0, 0] == 0
-    smaller = stack_images(images[2:])  # the same buffer, a shorter view
-    np.testing.assert_array_equal(smaller, np.stack(images[2:]))
-    larger = stack_images(images + images)  # outgrows the buffer: a new one
-    np.testing.assert_array_equal(larger, np.stack(images + images))
-    assert larger.ctypes.data % 64 == 0
+    with pool.stacked(images) as first:
+        assert first.ctypes.data % 64 == 0 and first.dtype == np.float32
+        np.testing.assert_array_equal(first, np.stack(images))
+        images[0][:] = 9  # a copy, not a view of the request's image
+        assert first[0, 0, 0, 0] == 0
+        with pool.stacked(images[::-1]) as concurrent:  # in flight together: another buffer
+            assert not np.shares_memory(first, concurrent)
+            np.testing.assert_array_equal(concurrent, np.stack(images[::-1]))
+            addresses = {first.ctypes.data, concurrent.ctypes.data}
+        np.testing.assert_array_equal(first, np.stack([np.zeros_like(images[0]), *images[1:]]))
+    assert pool.free_buffers((3, 5, 2)) == 2  # as many as were in flight at once
+    with pool.stacked(images[1:]) as again:  # a returned buffer, a shorter view
+        assert again.ctypes.data in addresses
+        np.testing.assert_array_equal(again, np.stack(images[1:]))
+    with pool.stacked(images + images) as larger:  # outgrows them: a new one
+        np.testing.assert_array_equal(larger, np.stack(images + images))
+        assert larger.ctypes.data % 64 == 0
+    assert pool.free_buffers((3, 5, 2)) == 1  # the outgrown ones are dropped
 
 
 def test_error_reasons_drop_tensorflow_source_frames():
