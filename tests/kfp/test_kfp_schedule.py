@@ -35,6 +35,18 @@ def schedule(server, *args: str) -> int:
     return cli.main(["schedule", "--host", server.url, *args])
 
 
+def add_foreign_schedule(server) -> None:
+    """Puts another team's recurring run ``someone-elses`` (another pipeline) on the server."""
+    server.recurring_runs["someone-elses"] = {
+        "recurring_run_id": "someone-elses",
+        "display_name": "other team",
+        "experiment_id": next(iter(server.experiments)),
+        "pipeline_version_reference": {"pipeline_id": "other", "pipeline_version_id": "v"},
+        "trigger": {"cron_schedule": {"cron": "0 0 4 * * *"}},
+        "status": "ENABLED",
+    }
+
+
 @pytest.mark.parametrize(
     "expression",
     ["0 0 2 * * *", "0 */15 * * * ?", "30 0 9 ? * MON-FRI", "0 0 0 1,15 JAN-JUN *", "0  0 2 * * *"],
@@ -172,15 +184,7 @@ def test_list_and_delete_touch_only_this_pipelines_schedules(server, capsys):
     for cron in ("0 0 1 * * *", "0 0 2 * * *", "0 0 3 * * *"):
         assert schedule(server, "--cron", cron, "--experiment", "e", "--name", f"at {cron}",
                         "--pipeline", str(PIPELINE), *params) == 0  # fmt: skip
-    foreign = {
-        "recurring_run_id": "someone-elses",
-        "display_name": "other team",
-        "experiment_id": next(iter(server.experiments)),
-        "pipeline_version_reference": {"pipeline_id": "other", "pipeline_version_id": "v"},
-        "trigger": {"cron_schedule": {"cron": "0 0 4 * * *"}},
-        "status": "ENABLED",
-    }
-    server.recurring_runs[foreign["recurring_run_id"]] = foreign
+    add_foreign_schedule(server)
     capsys.readouterr()
 
     # Three of ours and one foreign: more than one page (the server pages by two).
@@ -234,14 +238,7 @@ def test_list_without_experiment_lists_this_pipelines_schedules_in_every_experim
         assert schedule(server, "--cron", cron, "--experiment", experiment,
                         "--name", f"{experiment} at {cron}", "--pipeline", str(PIPELINE),
                         *params) == 0  # fmt: skip
-    server.recurring_runs["someone-elses"] = {
-        "recurring_run_id": "someone-elses",
-        "display_name": "other team",
-        "experiment_id": next(iter(server.experiments)),
-        "pipeline_version_reference": {"pipeline_id": "other", "pipeline_version_id": "v"},
-        "trigger": {"cron_schedule": {"cron": "0 0 4 * * *"}},
-        "status": "ENABLED",
-    }
+    add_foreign_schedule(server)
     capsys.readouterr()
     before = len(server.calls("GET", "/recurringruns"))
 
