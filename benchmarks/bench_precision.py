@@ -35,7 +35,10 @@ import numpy as np
 import fullgrad as ke
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from machine import machine_line
+
+from tests.method.weights import randomise  # the tests' non-zero biases and statistics
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -45,25 +48,10 @@ def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array([np.corrcoef(p.ravel(), q.ravel())[0, 1] for p, q in zip(a, b, strict=True)])
 
 
-def with_biases(model: keras.Model, seed: int = 0) -> keras.Model:
-    """Gives every bias and BatchNormalization statistic a random, non-zero value, as training
-    would: a fresh ``keras.applications`` model has them all at zero (or one)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
-            layer.gamma.assign(rng.normal(1.0, 0.3, layer.gamma.shape))
-            layer.beta.assign(rng.normal(0, 0.3, layer.beta.shape))
-        elif getattr(layer, "bias", None) is not None:
-            layer.bias.assign(rng.normal(0, 0.2, layer.bias.shape))
-    return model
-
-
 def measure(size: int, batch: int, repeats: int) -> list[dict]:
     """One row per precision for ResNet50 at ``size``x``size``."""
     keras.utils.set_random_seed(0)
-    model = with_biases(keras.applications.ResNet50(weights=None, input_shape=(size, size, 3)))
+    model = randomise(keras.applications.ResNet50(weights=None, input_shape=(size, size, 3)))
     x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
     engines = {p: ke.FullGrad(model, precision=p) for p in PRECISIONS}
     exact = engines["float32"].compute(x, batch_size=None, parts=True)

@@ -14,25 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-
-def randomise(model: keras.Model, seed: int = 0) -> keras.Model:
-    """Gives every bias and BatchNorm statistic of ``model`` random, non-trivial values."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            randomise(layer, seed + 1)
-            continue
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
-            if layer.scale:
-                layer.gamma.assign(rng.normal(1.0, 0.3, layer.gamma.shape))
-            if layer.center:
-                layer.beta.assign(rng.normal(0, 0.3, layer.beta.shape))
-        bias = getattr(layer, "bias", None)
-        if bias is not None and not isinstance(layer, keras.layers.BatchNormalization):
-            bias.assign(rng.normal(0, 0.2, bias.shape))
-    return model
+from tests.method.weights import randomise
 
 
 @pytest.fixture
