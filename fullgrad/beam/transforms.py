@@ -14,9 +14,11 @@ import collections
 import concurrent.futures
 import logging
 import os
+import threading
 import time
+import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import apache_beam as beam
 import numpy as np
@@ -218,10 +220,11 @@ class ToRecords(beam.DoFn):
     def __init__(self, config: JobConfig) -> None:
         self._map_size = (config.resolved_map_size(),) * 2
         self._progress_every = int(config.progress_every)
+        # Copies of this DoFn unpickled in one process (bundles run in threads) share a count.
+        self._progress_key = uuid.uuid4().hex
 
     def setup(self) -> None:
-        self._count = 0
-        self._start = time.perf_counter()
+        self._progress = _Progress.of(self._progress_key)
         self._explained = Metrics.counter(METRICS_NAMESPACE, "images_explained")
 
     def process(self, result: PredictionResult) -> Iterator[Any]:
@@ -244,20 +247,46 @@ class ToRecords(beam.DoFn):
             )
             return
         self._explained.inc()
-        self._progress()
+        self._progress.add(self._progress_every)
         resized = {"map": resize_map(saliency, self._map_size), "part_maps": part_maps}
         yield explained(request, {**inference, **resized})
 
-    def _progress(self) -> None:
-        self._count += 1
-        if self._progress_every and self._count % self._progress_every == 0:
-            elapsed = time.perf_counter() - self._start
-            _LOGGER.info(
-                "fullgrad: %d images explained by this worker (pid %d), %.1f images/s",
-                self._count,
-                os.getpid(),
-                self._count / max(elapsed, 1e-9),
-            )
+
+class _Progress:
+    """Images one job has explained in this process, over all its ``ToRecords`` copies.
+
+    The local runner processes bundles in threads, each with its own DoFn copy; a count per
+    copy would log interleaved, overlapping progress lines. One count per job and process
+    (keyed by the DoFn's construction) gives one ordered series per worker process. A process
+    that runs many jobs (a notebook, the tests) keeps one small entry per job.
+    """
+
+    _by_key: ClassVar[dict[str, _Progress]] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._start = time.perf_counter()
+
+    @classmethod
+    def of(cls, key: str) -> _Progress:
+        """The count of the job whose ``ToRecords`` was built with ``key``, in this process."""
+        with cls._registry_lock:
+            return cls._by_key.setdefault(key, cls())
+
+    def add(self, every: int) -> None:
+        """Counts one image; logs a line when the count reaches a multiple of ``every``."""
+        with self._lock:  # logged under the lock, so the lines come in order
+            self._count += 1
+            if every and self._count % every == 0:
+                elapsed = time.perf_counter() - self._start
+                _LOGGER.info(
+                    "fullgrad: %d images explained by this worker (pid %d), %.1f images/s",
+                    self._count,
+                    os.getpid(),
+                    self._count / max(elapsed, 1e-9),
+                )
 
 
 def _batch_failures(failure: tuple[Any, tuple]) -> Iterator[dict]:

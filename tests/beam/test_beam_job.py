@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ import fullgrad as ke
 from fullgrad.beam import job
 from fullgrad.beam.config import JobConfig
 from fullgrad.beam.io import safe_file_name
-from fullgrad.beam.options import DEFAULT_RUNNER, pipeline_options
+from fullgrad.beam.options import DEFAULT_RUNNER, LOCAL_BUNDLES_IN_FLIGHT, pipeline_options
 from fullgrad.images import decode_image, decode_mask, encode_jpeg, preprocess
 from fullgrad.record import read_maps
 
@@ -476,6 +477,25 @@ def test_the_default_runner_is_pinned_and_flags_pass_through():
     assert options.view_as(DirectOptions).direct_num_workers == 2
     chosen = pipeline_options(["--runner", "DataflowRunner"])
     assert chosen.view_as(StandardOptions).runner == "DataflowRunner"
+    assert chosen.view_as(DirectOptions).direct_num_workers == 1  # other runners: untouched
+
+
+def test_the_default_local_runner_runs_bundles_in_threads_unless_told_otherwise():
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    def direct(*flags, **overrides):
+        options = pipeline_options(list(flags), **overrides).view_as(DirectOptions)
+        return options.direct_running_mode, options.direct_num_workers
+
+    assert LOCAL_BUNDLES_IN_FLIGHT > 1
+    assert direct() == ("multi_threading", LOCAL_BUNDLES_IN_FLIGHT)
+    assert direct("--job_name", "x") == ("multi_threading", LOCAL_BUNDLES_IN_FLIGHT)
+    # Either flag, in either spelling, or a keyword override, leaves both to the user.
+    assert direct("--direct_num_workers", "1") == ("in_memory", 1)
+    assert direct("--direct_running_mode=in_memory") == ("in_memory", 1)
+    assert direct("--direct_running_mode", "multi_processing", "--direct_num_workers=2") == (
+        "multi_processing", 2)
+    assert direct(direct_num_workers=1) == ("in_memory", 1)
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
     args, extra = parser.parse_known_args(
@@ -500,3 +520,45 @@ def test_a_model_shared_across_processes_gives_the_same_maps(parquet_run, model_
     single, _ = read_output(str(tmp / "out"))
     np.testing.assert_allclose(read_maps(shared), read_maps(single), atol=1e-5)
     assert shared.column("topk_classes").to_pylist() == single.column("topk_classes").to_pylist()
+
+
+def test_progress_lines_count_one_jobs_images_over_its_bundles_threads(caplog):
+    """The local runner's bundles run in threads, each with its own ``ToRecords`` copy: the
+    progress lines still give one ordered count per process, and another job starts at 0."""
+    import pickle
+    import threading
+
+    from apache_beam.ml.inference.base import PredictionResult
+
+    from fullgrad.beam.transforms import ToRecords
+
+    settings = JobConfig(input="a.parquet", model="m.keras", output="o", image_size=8,
+                         map_size=8, progress_every=3)
+    result = PredictionResult(
+        {"id": "a", "label": None, "mask": None, "thumbnail": np.zeros([8, 8, 3], np.uint8)},
+        {"map": np.full([8, 8], 0.5, np.float32), "target": 1, "logit": 2.0, "residual": 0.0,
+         "topk_classes": np.array([1]), "topk_logits": np.array([2.0])},
+    )
+
+    def explain_in_threads(records: ToRecords, threads: int, each: int) -> list[int]:
+        copies = [pickle.loads(pickle.dumps(records)) for _ in range(threads)]  # as the runner
+        for copy in copies:
+            copy.setup()
+        caplog.clear()
+        workers = [threading.Thread(target=lambda c=c: [list(c.process(result))
+                                                       for _ in range(each)])
+                   for c in copies]
+        with caplog.at_level("INFO", logger="fullgrad.beam.transforms"):
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        pattern = r"fullgrad: (\d+) images explained by this worker \(pid (\d+)\)"
+        found = [re.match(pattern, record.getMessage()) for record in caplog.records]
+        assert all(found) and {m.group(2) for m in found} == {str(os.getpid())}
+        return [int(m.group(1)) for m in found]
+
+    records = ToRecords(settings)
+    assert explain_in_threads(records, threads=3, each=40) == list(range(3, 121, 3))
+    assert explain_in_threads(records, threads=2, each=3) == [123, 126]  # the same job: on
+    assert explain_in_threads(ToRecords(settings), threads=2, each=3) == [3, 6]  # a new one
