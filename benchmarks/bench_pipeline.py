@@ -10,9 +10,14 @@ Prints two ratios, measured side by side in one run on the same model and batch 
    the timestamps of its own progress lines (images explained between the first and the last
    line / seconds between them); the in-memory runner pushes each element through the whole
    fused read-decode-explain-record-write stage, so that span holds every per-image cost.
-   Two cross-checks are printed: the marginal rate ``(4N - N) / (T(4N) - T(N))`` of two whole
-   runs (the same quantity, but a difference of two wall times, so one slow start-up moves it
-   a lot), and the whole 4N run's rate with every one-off cost included.
+   Three cross-checks are printed: the marginal rate ``(4N - N) / (T(4N) - T(N))`` of two
+   whole runs (the same quantity, but a difference of two wall times, so one slow start-up
+   moves it a lot); the whole 4N run's rate with every one-off cost included; and the job's
+   rate over the engine's when ``LOCAL_BUNDLES_IN_FLIGHT`` threads call it at once. The
+   default local runner processes that many bundles at once, in threads
+   (``fullgrad.beam.options``), so up to that many batches are in the model together, while
+   the engine above is one caller, batch after batch: the third figure is what the job costs
+   over the engine run the way the runner runs it.
 2. memory: peak RSS of the job over 4N images / over N images. Target <= 1.15: memory does not
    grow with the data.
 
@@ -122,8 +127,13 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _engine_timing(model: str, data: str, size: int, batch: int) -> dict:
-    """The engine alone on decoded, preprocessed images (decoding is not timed)."""
+def _engine_timing(model: str, data: str, size: int, batch: int, callers: int = 1) -> dict:
+    """The engine alone on decoded, preprocessed images (decoding is not timed).
+
+    ``callers`` > 1: that many threads call it at once, each on its share of the batches, as
+    the local runner's bundles do (``fullgrad.beam.options.LOCAL_BUNDLES_IN_FLIGHT``).
+    """
+    import concurrent.futures
     import glob
 
     import keras
@@ -139,9 +149,16 @@ def _engine_timing(model: str, data: str, size: int, batch: int) -> dict:
     x = preprocess(np.stack(images), "unit")
     engine = ke.FullGrad(keras.saving.load_model(model, compile=False))
     engine.compute(x[:batch], np.full([batch, 1], -1))  # trace, as the handler does at load
+    starts = list(range(0, len(x), batch))
+
+    def explain(share: list[int]) -> None:
+        for begin in share:
+            chunk = x[begin : begin + batch]
+            engine.compute(chunk, np.full([len(chunk), 1], -1))
+
     wall, cpu = time.perf_counter(), _cpu_s()
-    for begin in range(0, len(x), batch):
-        engine.compute(x[begin : begin + batch], np.full([len(x[begin : begin + batch]), 1], -1))
+    with concurrent.futures.ThreadPoolExecutor(callers) as pool:
+        list(pool.map(explain, [starts[i::callers] for i in range(callers)]))
     wall, cpu = time.perf_counter() - wall, _cpu_s() - cpu
     return {"images_per_s": len(x) / wall, "cpu_s_per_image": cpu / len(x)}
 
@@ -203,10 +220,13 @@ def child(kind: str, model: str, data: str, size: int, batch: int, output: str,
         baseline = engine_data if kind == "memory-audit" else None
         return {**_job(model, data, size, batch, output, layout, baseline),
                 "peak_rss_mb": peak_rss_mb()}
+    from fullgrad.beam.options import LOCAL_BUNDLES_IN_FLIGHT
+
     before = _engine_timing(model, engine_data, size, batch)
     result = _job(model, data, size, batch, output, layout)
     after = _engine_timing(model, engine_data, size, batch)
-    return {**result, "engine": [before, after]}
+    threaded = _engine_timing(model, engine_data, size, batch, LOCAL_BUNDLES_IN_FLIGHT)
+    return {**result, "engine": [before, after], "engine_threaded": threaded}
 
 
 def _throughput(one: dict, four: dict) -> dict:
@@ -218,12 +238,14 @@ def _throughput(one: dict, four: dict) -> dict:
     marginal = extra / (four["wall_s"] - one["wall_s"])
     marginal_cpu = (four["cpu_s"] - one["cpu_s"]) / extra
     in_stream = four["in_stream_images_per_s"]
+    threaded = (one["engine_threaded"]["images_per_s"] + four["engine_threaded"]["images_per_s"]) / 2
     return {
         "engine": engine, "in_stream": in_stream, "marginal": marginal,
         "wall_1x": one["wall_s"], "wall_4x": four["wall_s"],
         "ratio": in_stream / engine, "ratio_marginal": marginal / engine,
         "ratio_marginal_cpu": engine_cpu / marginal_cpu,
         "ratio_whole": four["images"] / four["wall_s"] / engine,
+        "ratio_threaded": in_stream / threaded, "engine_threaded": threaded,
     }
 
 
@@ -286,8 +308,11 @@ def _measure(args: argparse.Namespace, work: str, model: str, engine_data: str,
     memory_1x, memory_4x = run_child("memory", "1x", small), run_child("memory", "4x", large)
 
     print(f"== layout {layout} ({LAYOUTS[layout]})")
+    from fullgrad.beam.options import LOCAL_BUNDLES_IN_FLIGHT
+
     for index, pair in enumerate(pairs, 1):
-        print(f"repeat {index}: engine {pair['engine']:6.1f} images/s; job in-stream "
+        print(f"repeat {index}: engine {pair['engine']:6.1f} images/s "
+              f"({pair['engine_threaded']:6.1f} by {LOCAL_BUNDLES_IN_FLIGHT} threads); job in-stream "
               f"{pair['in_stream']:6.1f}, marginal {pair['marginal']:6.1f} images/s "
               f"(N: {pair['wall_1x']:.1f} s, 4N: {pair['wall_4x']:.1f} s)")
 
@@ -300,6 +325,8 @@ def _measure(args: argparse.Namespace, work: str, model: str, engine_data: str,
     print(f"  cross-check, marginal N -> 4N, wall: {median('ratio_marginal')}")
     print(f"  cross-check, marginal N -> 4N, CPU:  {median('ratio_marginal_cpu')}")
     print(f"  whole 4N run with model load, tracing and pipeline start: {median('ratio_whole')}")
+    print(f"  in-stream / the engine called by {LOCAL_BUNDLES_IN_FLIGHT} threads at once, as the "
+          f"runner's bundles call it: {median('ratio_threaded')}")
     rss_1x, rss_4x = memory_1x["peak_rss_mb"], memory_4x["peak_rss_mb"]
     print(f"peak RSS: N {rss_1x:.0f} MB, 4N {rss_4x:.0f} MB")
     print(f"memory ratio (4N / N): {rss_4x / rss_1x:.3f}  target <= 1.15", flush=True)
