@@ -480,6 +480,16 @@ def test_the_default_runner_is_pinned_and_flags_pass_through():
     assert chosen.view_as(DirectOptions).direct_num_workers == 1  # other runners: untouched
 
 
+def test_the_default_local_runner_explains_in_several_bundles_with_one_model(parquet_run):
+    tmp, _, summary = parquet_run
+    # 4 row groups over the runner's 3 bundles: each bundle writes its own maps shard...
+    shards = [name for name in os.listdir(tmp / "out") if name.startswith("maps-")
+              and name.endswith(".parquet")]
+    assert 1 < len(shards) <= LOCAL_BUNDLES_IN_FLIGHT, shards
+    # ...and all of them used the one model the process loaded.
+    assert summary["metrics"]["model_loads"] == 1
+
+
 def test_the_default_local_runner_runs_bundles_in_threads_unless_told_otherwise():
     from apache_beam.options.pipeline_options import DirectOptions
 
