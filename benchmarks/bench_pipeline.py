@@ -238,7 +238,7 @@ def _throughput(one: dict, four: dict) -> dict:
     marginal = extra / (four["wall_s"] - one["wall_s"])
     marginal_cpu = (four["cpu_s"] - one["cpu_s"]) / extra
     in_stream = four["in_stream_images_per_s"]
-    threaded = (one["engine_threaded"]["images_per_s"] + four["engine_threaded"]["images_per_s"]) / 2
+    threaded = statistics.mean(run["engine_threaded"]["images_per_s"] for run in (one, four))
     return {
         "engine": engine, "in_stream": in_stream, "marginal": marginal,
         "wall_1x": one["wall_s"], "wall_4x": four["wall_s"],
@@ -312,8 +312,8 @@ def _measure(args: argparse.Namespace, work: str, model: str, engine_data: str,
 
     for index, pair in enumerate(pairs, 1):
         print(f"repeat {index}: engine {pair['engine']:6.1f} images/s "
-              f"({pair['engine_threaded']:6.1f} by {LOCAL_BUNDLES_IN_FLIGHT} threads); job in-stream "
-              f"{pair['in_stream']:6.1f}, marginal {pair['marginal']:6.1f} images/s "
+              f"({pair['engine_threaded']:6.1f} by {LOCAL_BUNDLES_IN_FLIGHT} threads); "
+              f"job in-stream {pair['in_stream']:6.1f}, marginal {pair['marginal']:6.1f} images/s "
               f"(N: {pair['wall_1x']:.1f} s, 4N: {pair['wall_4x']:.1f} s)")
 
     def median(key: str) -> str:
